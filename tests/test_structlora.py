@@ -1,0 +1,308 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from structlora import StructLoRA, StructLoRAConfig, bernoulli_kl, drift_energy, propagation_matrix
+from toy import ToyModel, randomize_adapters
+
+
+def make(seed=0, **cfg):
+    torch.manual_seed(seed)
+    model = ToyModel()
+    cfg = StructLoRAConfig(**{"r": 4, "alpha": 8, **cfg})
+    return model, StructLoRA(copy.deepcopy(model), cfg)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_plain_lora_equals_peft():
+    peft = pytest.importorskip("peft")
+    base, slora = make(ib=False, graph=False)
+    randomize_adapters(slora)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    sd = {}
+    for name, layer in slora.lora_layers.items():
+        sd[f"base_model.model.{name}.lora_A.default.weight"] = layer.lora_A
+        sd[f"base_model.model.{name}.lora_B.default.weight"] = layer.lora_B
+    missing = set(sd) - set(ref.state_dict())
+    assert not missing
+    ref.load_state_dict(sd, strict=False)
+    x = torch.randn(2, 7, 16)
+    assert rel_err(slora(x), ref(x)) < 1e-6
+    ref.eval(), slora.eval()
+    assert rel_err(slora(x), ref(x)) < 1e-6
+
+
+def test_only_adapter_parameters_train_and_base_stays_bit_identical():
+    base, slora = make(modules_to_save=("head",), semantic_every=1)
+    frozen = {k: v.clone() for k, v in base.state_dict().items() if not k.startswith("head")}
+    opt = torch.optim.AdamW(slora.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        loss = slora(torch.randn(4, 6, 16)).square().mean() + slora.ib_loss()
+        loss.backward()
+        opt.step(), opt.zero_grad(), slora.step()
+    names = {n for n, p in slora.named_parameters() if p.requires_grad}
+    assert names and all(n.endswith(("lora_A", "lora_B", "gate_logits", "eta_logit")) or ".head." in n
+                         for n in names)
+    assert any(n.endswith("eta_logit") for n in names) and any(".head." in n for n in names)
+    for name, layer in slora.lora_layers.items():
+        assert layer.base.weight.grad is None
+        assert torch.equal(layer.base.weight, frozen[f"{name}.weight"])
+    assert torch.equal(slora.model.blocks[0].k_proj.weight, frozen["blocks.0.k_proj.weight"])
+    assert not torch.equal(slora.model.head.weight, base.head.weight)  # modules_to_save did train
+
+
+def dense_reference(slora, target, gates, eta, adj):
+    """(W0 + ΔW^f) from the paper's formulas, by hand in float64 numpy: no code from structlora."""
+    layers = [(n, l) for n, l in slora.lora_layers.items() if n.endswith(target)]
+    n = len(layers)
+    a = adj + np.eye(n)
+    a_hat = a / a.sum(1, keepdims=True)  # D^-1 (A + I)
+    c = (1 - eta) * np.eye(n) + eta * a_hat
+    dW = [l.scaling * l.lora_B.detach().numpy() @ np.diag(gates[name]) @ l.lora_A.detach().numpy()
+          for name, l in layers]
+    return {name: l.base.weight.detach().numpy() + sum(c[i, j] * dW[j] for j in range(n))
+            for i, (name, l) in enumerate(layers)}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_factor_form_equals_dense_coordinated_update(mode):
+    _, slora = make(semantic_every=0)
+    randomize_adapters(slora)
+    slora.double()
+    graph = slora.graphs["q_proj"]
+    adj = graph.adj.clone()
+    adj[0, 3] = adj[3, 0] = 1.0  # a semantic edge 0–3, by hand
+    graph.set_edges(adj)
+    slora.train(mode == "train")
+    inputs = {}
+    hooks = [l.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, (i[0], o)))
+             for n, l in slora.lora_layers.items()]
+    slora(torch.randn(2, 5, 16, dtype=torch.float64))
+    for h in hooks:
+        h.remove()
+    gates = {}
+    for name, l in slora.lora_layers.items():
+        if mode == "train":
+            gates[name] = l.m.detach().numpy()  # the sample this forward used
+        else:
+            q = 1 / (1 + np.exp(-l.gate_logits.detach().numpy()))
+            gates[name] = q * (q >= 0.5)
+    eta = graph.eta().item()
+    ref = dense_reference(slora, "q_proj", gates, eta, graph.adj.numpy())
+    for name, W in ref.items():
+        x, y = inputs[name]
+        b = slora.lora_layers[name].base.bias.detach().numpy()
+        expect = x.detach().numpy() @ W.T + b
+        np.testing.assert_allclose(y.detach().numpy(), expect, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(slora.lora_layers[name].delta_weight().detach().numpy() if mode == "eval"
+                                   else W - slora.lora_layers[name].base.weight.detach().numpy(),
+                                   W - slora.lora_layers[name].base.weight.detach().numpy(), atol=1e-12)
+
+
+def direct_drift(H, adj):
+    n = len(H)
+    return sum(((H[i] - H[j]) ** 2).sum() for i in range(n) for j in range(i + 1, n) if adj[i, j])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_smoothing_never_increases_drift_energy(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = 8
+    H = torch.randn(n, 6, 5, generator=g, dtype=torch.float64) * torch.rand(n, 1, 1, generator=g, dtype=torch.float64) * 3
+    adj = torch.zeros(n, n, dtype=torch.float64)
+    for i in range(n - 1):
+        adj[i, i + 1] = adj[i + 1, i] = 1
+    extra = torch.rand(n, n, generator=g) < 0.2
+    adj = torch.maximum(adj, (extra | extra.T).double() * (1 - torch.eye(n, dtype=torch.float64)))
+    flat = H.flatten(1)
+    e0 = direct_drift(H, adj)
+    # drift_energy from the Gram matrix equals the direct sum over edges
+    assert abs(drift_energy(flat @ flat.T, adj) - e0) < 1e-9 * e0
+    L_sym = torch.eye(n, dtype=torch.float64) - propagation_matrix(adj, "sym")
+    t0 = torch.trace(flat.T @ L_sym @ flat)
+    for eta in np.linspace(0, 1, 11):
+        rw = ((1 - eta) * torch.eye(n, dtype=torch.float64) + eta * propagation_matrix(adj, "rw")) @ flat
+        assert direct_drift(rw.view_as(H), adj) <= e0 * (1 + 1e-12)
+        sym = ((1 - eta) * torch.eye(n, dtype=torch.float64) + eta * propagation_matrix(adj, "sym")) @ flat
+        assert torch.trace(sym.T @ L_sym @ sym) <= t0 * (1 + 1e-12)
+
+
+def test_sym_normalization_can_raise_the_papers_drift_energy():
+    # Why "rw" is the default: equal updates on a chain drift apart under D^-1/2 (A+I) D^-1/2.
+    n = 5
+    adj = torch.diag(torch.ones(n - 1, dtype=torch.float64), 1)
+    adj = adj + adj.T
+    H = torch.ones(n, 3, dtype=torch.float64)
+    sym = 0.5 * H + 0.5 * propagation_matrix(adj, "sym") @ H
+    rw = 0.5 * H + 0.5 * propagation_matrix(adj, "rw") @ H
+    assert direct_drift(sym, adj) > 1e-3 and direct_drift(rw, adj) < 1e-20
+
+
+def test_diagnostics_match_dense_updates():
+    _, slora = make()
+    randomize_adapters(slora)
+    slora.eval()
+    d = slora.diagnostics()["v_proj"]
+    layers = [l for n, l in slora.lora_layers.items() if n.endswith("v_proj")]
+    with torch.no_grad():
+        after = [l.delta_weight().flatten() for l in layers]
+    adj = slora.graphs["v_proj"].adj
+    assert d["drift_energy_after"] == pytest.approx(direct_drift(torch.stack(after), adj).item(), rel=1e-4)
+    cos = [torch.cosine_similarity(a, b, 0).item() for a, b in zip(after, after[1:])]
+    assert d["adjacent_cosine_after"] == pytest.approx(np.mean(cos), rel=1e-4, abs=1e-6)
+    assert d["drift_energy_after"] <= d["drift_energy_before"] * (1 + 1e-6)
+
+
+def test_kl_matches_torch_distributions():
+    logits = torch.randn(20, dtype=torch.float64) * 3
+    for prior in (0.1, 0.5, 0.8):
+        ref = torch.distributions.kl_divergence(torch.distributions.Bernoulli(logits=logits),
+                                                torch.distributions.Bernoulli(probs=torch.tensor(prior)))
+        torch.testing.assert_close(bernoulli_kl(logits, prior), ref.double())
+
+
+def test_gradient_sketch_equals_weight_gradient_times_P():
+    _, slora = make(semantic_every=1)
+    randomize_adapters(slora)
+    for layer in slora.lora_layers.values():
+        layer.base.weight.requires_grad_(True)  # only to get the reference gradient ∂L/∂W
+    slora.step()  # arms the sketches
+    slora.train()
+    slora(torch.randn(3, 5, 16)).square().sum().backward()
+    for name, layer in slora.lora_layers.items():
+        ref = layer.base.weight.grad @ layer.sketch_P
+        torch.testing.assert_close(layer.sketch, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_semantic_edges_join_aligned_layers():
+    _, slora = make(semantic_every=1, semantic_topk=1, semantic_threshold=0.5)
+    graph = slora.graphs["q_proj"]
+    slora.step()
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(16, 16, generator=g)
+    for i, layer in enumerate(graph.layers):  # layers 0 and 3 see the same gradient, others random
+        layer.sketch = shared.clone() if i in (0, 3) else torch.randn(16, 16, generator=g)
+    slora.step()
+    assert graph.adj[0, 3] == 1 and graph.adj[3, 0] == 1
+    assert graph.neighbours[0] == [0, 1, 3]
+    assert all(graph.adj[i, i + 1] == 1 for i in range(4))  # chain edges stay
+
+
+def test_merge_and_unload_gives_the_plain_base_model():
+    base, slora = make()
+    randomize_adapters(slora)
+    slora.eval()
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        adapted = slora(x)
+    merged = slora.merge_and_unload()
+    with torch.no_grad():
+        out = merged(x)
+    assert rel_err(out, adapted) < 1e-5
+    assert list(merged.state_dict()) == list(base.state_dict())
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base.parameters())
+    assert [type(m) for m in merged.modules()] == [type(m) for m in base.modules()]
+    assert all(p.requires_grad for p in merged.parameters())  # flags restored
+
+
+def test_save_load_reproduces_outputs(tmp_path):
+    base, slora = make(modules_to_save=("head",), semantic_every=1)
+    opt = torch.optim.AdamW(slora.trainable_parameters(), lr=1e-2)
+    for _ in range(4):  # a few real steps so B, gates, η, edges and the head all move
+        slora(torch.randn(4, 5, 16)).square().mean().backward()
+        opt.step(), opt.zero_grad(), slora.step()
+    adj = slora.graphs["v_proj"].adj.clone()
+    adj[0, 4] = adj[4, 0] = 1.0
+    slora.graphs["v_proj"].set_edges(adj)
+    slora.save_adapter(tmp_path / "ad")
+    slora.eval()
+    x = torch.randn(2, 5, 16)
+    loaded = StructLoRA.from_pretrained(copy.deepcopy(base), tmp_path / "ad").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), slora(x))
+    assert loaded.graphs["v_proj"].neighbours[0] == [0, 1, 4]
+
+
+def test_export_peft_matches_merged_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, slora = make(modules_to_save=("head",))
+    randomize_adapters(slora)
+    with torch.no_grad():
+        slora.model.head.weight.mul_(-2)  # a "trained" head must travel with the export
+    slora.export_peft(tmp_path / "peft")
+    x = torch.randn(2, 5, 16)
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        merged = slora.merge_and_unload()
+        assert rel_err(ref(x), merged(x)) < 1e-5
+        assert rel_err(base(x), merged(x)) > 0.1
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="rank"):
+        StructLoRAConfig(r=0)
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        StructLoRA(ToyModel(), StructLoRAConfig(target_modules=("query",)))
+    with pytest.raises(TypeError, match="must be nn.Linear"):
+        StructLoRA(ToyModel(), StructLoRAConfig(target_modules=("norm",)))
+    with pytest.raises(ValueError, match="not found"):
+        StructLoRA(ToyModel(), StructLoRAConfig(modules_to_save=("classifier",)))
+    _, slora = make()
+    with pytest.raises(FileNotFoundError, match="no StructLoRA adapter"):
+        slora.load_adapter(tmp_path / "nothing")
+    slora.save_adapter(tmp_path / "ad")
+    with pytest.raises(ValueError, match="other layers/shapes"):
+        StructLoRA.from_pretrained(ToyModel(d=8), tmp_path / "ad")
+    with pytest.raises(ValueError, match="other layers/shapes"):
+        StructLoRA.from_pretrained(ToyModel(n_layers=3), tmp_path / "ad")
+    with pytest.raises(ValueError, match="already has LoRA"):
+        StructLoRA(slora.model, StructLoRAConfig())
+
+
+def test_bf16_autocast_forward_and_backward():
+    _, slora = make()
+    randomize_adapters(slora)
+    x = torch.randn(2, 5, 16)
+    slora.eval()  # deterministic gates, so both passes compute the same function
+    ref = slora(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = slora(x)
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 0.03
+    slora.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = slora(x)
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in slora.trainable_parameters())
+
+
+def test_training_lowers_loss_and_strong_ib_closes_gates():
+    # Teacher: each adapted layer needs a rank-1 change; the student has r = 4 directions per layer.
+    torch.manual_seed(0)
+    student = ToyModel()
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for block in teacher.blocks:
+            for lin in (block.q_proj, block.v_proj):
+                lin.weight += torch.randn(16, 1) @ torch.randn(1, 16) / 4
+    slora = StructLoRA(student, StructLoRAConfig(r=4, alpha=4, beta=1e-3, prior=0.05, kl_warmup_steps=50))
+    opt = torch.optim.AdamW(slora.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    losses = []
+    for step in range(300):
+        x = torch.randn(32, 6, 16)
+        with torch.no_grad():
+            y = teacher(x)
+        task = (slora(x) - y).square().mean()
+        (task + slora.ib_loss()).backward()
+        opt.step(), opt.zero_grad(), slora.step()
+        losses.append(task.item())
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
+    opened = slora.open_directions()
+    assert sum(opened.values()) < 4 * len(opened)  # the IB penalty closed some directions
+    assert sum(opened.values()) > 0                # but not the ones the task needs

@@ -1,0 +1,39 @@
+"""A small attention-shaped model with q_proj/k_proj/v_proj/o_proj in every block, for fast tests."""
+import torch
+import torch.nn as nn
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(d, d) for _ in range(4))
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, x):
+        h = self.norm(x)
+        att = torch.softmax(self.q_proj(h) @ self.k_proj(h).transpose(-1, -2) / h.shape[-1] ** 0.5, -1)
+        return x + self.o_proj(att @ self.v_proj(h))
+
+
+class ToyModel(nn.Module):
+    def __init__(self, d=16, n_layers=5, n_out=3):
+        super().__init__()
+        self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(n_layers))
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def randomize_adapters(slora, seed=0, scale=0.3):
+    """Non-zero B (it starts at zero), varied gates and η, so every term of ΔW^f is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in slora.lora_layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+            if layer.gate_logits is not None:
+                layer.gate_logits.copy_(torch.randn(layer.r, generator=g) * 2)
+        for graph in slora.graphs.values():
+            graph.eta_logit.fill_(0.3)
