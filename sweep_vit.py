@@ -23,17 +23,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--grid", action="append", default=[], help="name=v1,v2,... (train_vit.py option, '-' as '_')")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="results folder: runs.json (every run) and table.md")
+    p.add_argument("--runs-dir", default=None, help="run folders (adapters etc.); default runs/<out's name>")
     args = p.parse_args(own)
     axes = [(g.split("=")[0], g.split("=")[1].split(",")) for g in args.grid]
     os.makedirs(args.out, exist_ok=True)
+    runs_dir = args.runs_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.out)))
     rows, t0 = [], time.time()
     for values in itertools.product(*[v for _, v in axes]):
         setting = dict(zip([k for k, _ in axes], values))
         for seed in args.seeds:
             name = "_".join(f"{k}{v}" for k, v in setting.items()) + f"_seed{seed}"
             flags = [f"--{k.replace('_', '-')}={v}" for k, v in setting.items()]
-            run_args = train_vit.parse_args(rest + flags + [f"--seed={seed}", f"--out={args.out}/{name}"])
+            run_args = train_vit.parse_args(rest + flags + [f"--seed={seed}", f"--out={runs_dir}/{name}"])
             m = train_vit.main(run_args)
             rows.append({**setting, "seed": seed, "accuracy": m["accuracy"], "split": m["split"],
                          "train_seconds": m["train_seconds"],
