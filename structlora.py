@@ -50,7 +50,7 @@ class StructLoRAConfig:
     sketch_dim: int = 16              # p: width of the random gradient sketch G·P
     sketch_ema: float = 0.9           # EMA factor of the sketches across rebuilds
     semantic_topk: int = 1            # k: at most k semantic (non-adjacent) neighbours per layer
-    semantic_threshold: float = 0.3   # minimum sketch cosine of a semantic edge
+    semantic_threshold: float = 0.05  # minimum sketch cosine (measured between layers of DINOv2-S: 0.00–0.05)
     seed: int = 0                     # seed of A's init and of the sketch projection P
 
     def __post_init__(self):

@@ -75,32 +75,37 @@ def collate(pairs, pad_id):
     return ids, attn, target
 
 
-def answer_logprobs(model, pairs, tok, args):
-    """Σ log p(answer tokens | prompt) for each (prompt, answer) pair."""
-    ids, attn, target = (t.to(args.device) for t in collate(pairs, tok.eos_id))
+def lm_forward(model):
+    """forward(input_ids, attention_mask, logits_at) -> logits, the form the scoring helpers take."""
+    return lambda ids, attn, at: model(ids, attention_mask=attn, logits_at=at)
+
+
+def answer_logprobs(forward, pairs, pad_id, args):
+    """Σ log p(answer tokens | prompt) for each (prompt ids, answer ids) pair."""
+    ids, attn, target = (t.to(args.device) for t in collate(pairs, pad_id))
     with autocast(args):
-        logits = model(ids, attention_mask=attn, logits_at=target)
+        logits = forward(ids, attn, target)
     labels = ids[:, 1:][target[:, :-1]]
     lp = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
     rows = target.nonzero()[:, 0]
     return torch.zeros(len(pairs), device=lp.device).index_add_(0, rows, lp)
 
 
-def candidate_scores(model, batch, tok, args):
-    """log p(candidate | prompt) per example. One forward per example when every candidate is a
-    single token (yes/no, true/false); otherwise one per (example, candidate), answers without eos."""
-    cand_ids = [[tok.encode(c, add_bos=False) for c in ex["candidates"]] for ex in batch]
-    if all(len(c) == 1 for cs in cand_ids for c in cs):
-        prompts = [encode(tok, ex, args)[0] for ex in batch]
-        ids, attn, _ = collate([(p, []) for p in prompts], tok.eos_id)
+def candidate_scores(forward, prompts, cand_ids, pad_id, args):
+    """Scores of each prompt's candidates. When the candidates' first tokens all differ (yes/no,
+    true/false, the easy-VQA answers), one forward per prompt and log p(first token | prompt): exact
+    for single-token answers, and the choice greedy decoding would make. Otherwise the full
+    log p(candidate | prompt), one forward per (prompt, candidate), in prompt-major order."""
+    if all(len({c[0] for c in cs}) == len(cs) for cs in cand_ids):
+        ids, attn, _ = collate([(p, []) for p in prompts], pad_id)
         last = torch.zeros_like(attn, dtype=torch.bool)
         last[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])] = True
         with autocast(args):
-            logits = model(ids.to(args.device), attention_mask=attn.to(args.device), logits_at=last.to(args.device))
+            logits = forward(ids.to(args.device), attn.to(args.device), last.to(args.device))
         logp = torch.log_softmax(logits.float(), -1).cpu()
         return [logp[i, [c[0] for c in cs]] for i, cs in enumerate(cand_ids)]
-    pairs = [(encode(tok, ex, args)[0], c) for ex, cs in zip(batch, cand_ids) for c in cs]
-    flat, out, k = answer_logprobs(model, pairs, tok, args).cpu(), [], 0
+    pairs = [(p, c) for p, cs in zip(prompts, cand_ids) for c in cs]
+    flat, out, k = answer_logprobs(forward, pairs, pad_id, args).cpu(), [], 0
     for cs in cand_ids:
         out.append(flat[k:k + len(cs)])
         k += len(cs)
@@ -114,7 +119,9 @@ def evaluate(model, examples, tok, args, desc):
     picks = []
     for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False):
         batch = examples[i:i + args.batch_size]
-        for ex, scores in zip(batch, candidate_scores(model, batch, tok, args)):
+        prompts = [encode(tok, ex, args)[0] for ex in batch]
+        cand_ids = [[tok.encode(c, add_bos=False) for c in ex["candidates"]] for ex in batch]
+        for ex, scores in zip(batch, candidate_scores(lm_forward(model), prompts, cand_ids, tok.eos_id, args)):
             picks.append(ex["candidates"][int(scores.argmax())])
     acc = sum(p == ex["answer"] for p, ex in zip(picks, examples)) / len(examples)
     return acc, picks
@@ -158,7 +165,8 @@ def main(args):
         order = rng.sample(train, len(train))
         for i in range(0, len(order), args.batch_size):
             pairs = [encode(tok, ex, args) for ex in order[i:i + args.batch_size]]
-            task = -answer_logprobs(slora, pairs, tok, args).sum() / sum(len(a) for _, a in pairs)  # answer-token CE
+            logp = answer_logprobs(lm_forward(slora), pairs, tok.eos_id, args)
+            task = -logp.sum() / sum(len(a) for _, a in pairs)  # cross-entropy on answer tokens only
             loss = task + slora.ib_loss()  # §4: L = L_task + β·KL
             loss.backward()
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()

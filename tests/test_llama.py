@@ -119,7 +119,7 @@ def tiny_tokenizer(folder):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>", "<image>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(["is the sky blue? true false answer question passage"] * 20, trainer)
     tok.save(str(folder / "tokenizer.json"))

