@@ -43,6 +43,19 @@ def structlora_config(args, total_steps, modules_to_save=()):
         semantic_threshold=args.semantic_threshold, seed=args.seed)
 
 
+def optimizer(param_groups, args, total_steps):
+    """§4: AdamW (0.9, 0.999) with weight decay, linear warm-up then cosine decay."""
+    opt = torch.optim.AdamW(param_groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, args.warmup))
+
+
+def parameter_counts(slora):
+    """(trainable, total) parameter counts of a StructLoRA-wrapped model."""
+    params = slora.trainable_parameters()
+    n_train = sum(p.numel() for p in params)
+    return n_train, n_train + sum(p.numel() for p in slora.parameters() if not p.requires_grad)
+
+
 def lr_lambda(total, warmup):
     """Linear warm-up over `warmup`·total steps, then cosine decay to 0."""
     w = max(1, int(total * warmup))

@@ -16,10 +16,9 @@ import random
 import time
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import add_method_args, autocast, lr_lambda, print_adapter_summary, structlora_config
+from common import add_method_args, autocast, optimizer, parameter_counts, print_adapter_summary, structlora_config
 from models.llama import load_llama, load_tokenizer
 from structlora import StructLoRA
 from text_data import load_text_task
@@ -37,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-file", default=None)
     p.add_argument("--train-samples", type=int, default=128, help="random training examples; 0 = all")
     p.add_argument("--eval-samples", type=int, default=200, help="first N evaluation examples; 0 = all")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="> 0: evaluate on this many held-out training examples instead of the test split")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (long prompts are cut in the middle)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -142,19 +143,19 @@ def main(args):
     torch.manual_seed(args.seed)
     train, test = load_text_task(args.task, args.data_dir, args.train_file, args.eval_file)
     rng = random.Random(args.seed)
+    train = rng.sample(train, len(train))
+    if args.holdout > 0:  # choose hyper-parameters here, never on the test split
+        train, test = train[args.holdout:], train[:args.holdout]
     if args.train_samples > 0:
-        train = rng.sample(train, min(args.train_samples, len(train)))
+        train = train[:args.train_samples]
     test = test[:args.eval_samples] if args.eval_samples > 0 else test
     tok = load_tokenizer(args.model)
     model = load_llama(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     model.grad_checkpointing = args.grad_checkpointing
     total = math.ceil(len(train) / args.batch_size) * args.epochs
     slora = StructLoRA(model, structlora_config(args, total))
-    params = slora.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, args.warmup))
-    n_train = sum(p.numel() for p in params)
-    n_all = n_train + sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    opt, sched = optimizer(slora.trainable_parameters(), args, total)
+    n_train, n_all = parameter_counts(slora)
     print(f"{args.method} r={args.rank} on {args.model}: {len(train)} training examples, {len(test)} test "
           f"examples, {n_train:,} trainable parameters ({100 * n_train / n_all:.3f}%)")
 
@@ -185,7 +186,7 @@ def main(args):
     merged = slora.merge_and_unload()
     merged_acc, merged_picks = evaluate(merged, test, tok, args, "eval merged")
     metrics = {
-        "task": args.task, "accuracy": acc, "merged_accuracy": merged_acc,
+        "task": args.task, "split": "holdout" if args.holdout > 0 else "test", "accuracy": acc, "merged_accuracy": merged_acc,
         "merged_prediction_agreement": sum(a == b for a, b in zip(picks, merged_picks)) / len(test),
         "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(train), "n_eval": len(test),
         "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": total,

@@ -20,13 +20,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import add_method_args, autocast, lr_lambda, print_adapter_summary, structlora_config
+from common import add_method_args, autocast, optimizer, print_adapter_summary, structlora_config
 from data import to_pixels
 from models.llama import load_llama, load_tokenizer
 from models.llava import Llava, load_llava
 from models.vit import load_vit
 from structlora import StructLoRA
-from train_llama import DTYPES, answer_logprobs, candidate_scores, collate
+from train_llama import DTYPES, answer_logprobs, candidate_scores
 
 IMAGE = "<image>"
 
@@ -172,8 +172,7 @@ def train_stage(model, slora, params, train, tok, image_id, args, desc):
     cfg = model.vision_tower.cfg
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     total = math.ceil(len(train) / args.batch_size) * args.epochs
-    opt = torch.optim.AdamW(params, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, args.warmup))
+    opt, sched = optimizer(params, args, total)  # each group carries its own lr
     rng = random.Random(args.seed)
     bar = tqdm(total=total, desc=desc)
     for _ in range(args.epochs):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import add_method_args, autocast, lr_lambda, print_adapter_summary, structlora_config
+from common import add_method_args, autocast, optimizer, parameter_counts, print_adapter_summary, structlora_config
 from data import few_shot, load_dataset, to_pixels
 from models.vit import load_vit
 from structlora import StructLoRA
@@ -83,11 +83,8 @@ def main(args):
     steps_per_epoch = math.ceil(len(tx) / args.batch_size)
     total = steps_per_epoch * args.epochs
     slora = StructLoRA(model, structlora_config(args, total, modules_to_save=("head",)))
-    params = slora.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, args.warmup))
-    n_train = sum(p.numel() for p in params)
-    n_all = n_train + sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    opt, sched = optimizer(slora.trainable_parameters(), args, total)
+    n_train, n_all = parameter_counts(slora)
     print(f"{args.method} r={args.rank} on {args.model}: {len(tx)} training images, {len(eval_x)} {split} images, "
           f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f}%)")
 

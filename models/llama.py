@@ -1,8 +1,7 @@
 """A compact LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache),
 loading Hugging Face Llama folders and llama.cpp GGUF files (dequantized)."""
-import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -8,15 +8,9 @@ import torch
 import train_llama
 from models.llama import load_llama, load_tokenizer, smollm2_gguf_path
 
+from toy import randomize, rel_err
+
 transformers = pytest.importorskip("transformers")
-
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 else 0.0))
-    return model.eval()
 
 
 def tiny_llama(folder, tied):
@@ -26,10 +20,6 @@ def tiny_llama(folder, tied):
     hf = randomize(transformers.LlamaForCausalLM(cfg))
     hf.save_pretrained(folder)
     return hf
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -9,19 +9,9 @@ from models.clip import load_clip_vision
 from models.llava import load_llava
 from test_llama import tiny_llama, tiny_tokenizer
 
+from toy import randomize, rel_err
+
 transformers = pytest.importorskip("transformers")
-
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] > 1 else 0.0))
-    return model.eval()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 VISION = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=28,

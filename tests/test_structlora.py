@@ -3,10 +3,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from structlora import StructLoRA, StructLoRAConfig, bernoulli_kl, drift_energy, propagation_matrix
-from toy import ToyModel, randomize_adapters
+from toy import ToyModel, randomize_adapters, rel_err
 
 
 def make(seed=0, **cfg):
@@ -14,10 +13,6 @@ def make(seed=0, **cfg):
     model = ToyModel()
     cfg = StructLoRAConfig(**{"r": 4, "alpha": 8, **cfg})
     return model, StructLoRA(copy.deepcopy(model), cfg)
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_plain_lora_equals_peft():

@@ -8,20 +8,9 @@ import torch
 
 from models.vit import load_vit
 
+from toy import randomize, rel_err
+
 transformers = pytest.importorskip("transformers")
-
-
-def randomize(model, seed=0):
-    """Random values everywhere (layer scales, norms, biases too), so no weight can be silently missed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] > 1 else 0.0))
-    return model.eval()
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def tiny_vit(tmp_path, cls="ViTForImageClassification", **kw):

@@ -37,3 +37,16 @@ def randomize_adapters(slora, seed=0, scale=0.3):
                 layer.gate_logits.copy_(torch.randn(layer.r, generator=g) * 2)
         for graph in slora.graphs.values():
             graph.eta_logit.fill_(0.3)
+
+
+def randomize(model, seed=0):
+    """Random values everywhere (norms, biases, layer scales too), so no weight can be silently missed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + (1.0 if p.dim() == 1 and p.shape[0] > 1 else 0.0))
+    return model.eval()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
