@@ -4,7 +4,7 @@ Paper: "Not All Directions Matter: Toward Structured and Task-Aware Low-Rank Ada
 (arXiv 2603.14228). Read beside ../shared/paper.md (section numbers below refer to it).
 
     §1  LoRA            ΔW   = (α/r)·B·A                                   LoRALinear
-    §2  IB gate         ΔW̃   = (α/r)·B·diag(m)·A,  m ~ Concrete(φ, τ)      LoRALinear.gate, ib_kl
+    §2  IB gate         ΔW̃   = (α/r)·B·diag(m)·A,  m ~ Concrete(φ, τ)      LoRALinear.gate, bernoulli_kl
     §3  coordinator     ΔW^f = (1-η)·ΔW̃_ℓ + η·Σ_j Â_ℓj·ΔW̃_j                LayerGraph
     §4  loss, merge     L = L_task + β·Σ KL(q(m)‖p(m));  W = W0 + ΔW^f     StructLoRA
 
@@ -37,7 +37,7 @@ class StructLoRAConfig:
     graph: bool = True                # §3 graph coordinator across depth (False: η = 0)
     # §2 IB gate
     beta: float = 1e-3                # weight of the KL penalty, per direction
-    prior: float = 0.5                # π0, prior probability that a direction is open
+    prior: float = 0.2                # π0 < prune_below, so a direction the task does not hold open closes
     tau: float = 0.5                  # temperature of the relaxed-Bernoulli sample
     gate_init: float = 0.9            # σ(φ) at step 0: gates start open
     prune_below: float = 0.5          # at eval and merge, directions with σ(φ) below this are cut to 0

@@ -34,13 +34,13 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="fine-foods: modeldata's data/ folder")
     p.add_argument("--train-file", default=None)
     p.add_argument("--eval-file", default=None)
-    p.add_argument("--train-samples", type=int, default=128, help="random training examples; 0 = all")
+    p.add_argument("--train-samples", type=int, default=512, help="random training examples; 0 = all")
     p.add_argument("--eval-samples", type=int, default=200, help="first N evaluation examples; 0 = all")
     p.add_argument("--holdout", type=int, default=0,
                    help="> 0: evaluate on this many held-out training examples instead of the test split")
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (long prompts are cut in the middle)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=5e-4, help="5e-4: better than 2e-3 on 200 held-out reviews")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights of the frozen base model")
@@ -156,7 +156,8 @@ def main(args):
     slora = StructLoRA(model, structlora_config(args, total))
     opt, sched = optimizer(slora.trainable_parameters(), args, total)
     n_train, n_all = parameter_counts(slora)
-    print(f"{args.method} r={args.rank} on {args.model}: {len(train)} training examples, {len(test)} test "
+    split = "holdout" if args.holdout > 0 else "test"
+    print(f"{args.method} r={args.rank} on {args.model}: {len(train)} training examples, {len(test)} {split} "
           f"examples, {n_train:,} trainable parameters ({100 * n_train / n_all:.3f}%)")
 
     t0 = time.time()
@@ -186,7 +187,7 @@ def main(args):
     merged = slora.merge_and_unload()
     merged_acc, merged_picks = evaluate(merged, test, tok, args, "eval merged")
     metrics = {
-        "task": args.task, "split": "holdout" if args.holdout > 0 else "test", "accuracy": acc, "merged_accuracy": merged_acc,
+        "task": args.task, "split": split, "accuracy": acc, "merged_accuracy": merged_acc,
         "merged_prediction_agreement": sum(a == b for a, b in zip(picks, merged_picks)) / len(test),
         "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(train), "n_eval": len(test),
         "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": total,
@@ -197,7 +198,7 @@ def main(args):
     print(f"\n== {args.method}, rank {args.rank}, {args.model} on {args.task} ==")
     for g in gens:
         print(f"...{g['prompt_end']!r} -> {g['generated']!r} (answer {g['answer']!r})")
-    print(f"accuracy {100 * acc:.2f}% (merged model {100 * merged_acc:.2f}%, same pick on "
+    print(f"{split} accuracy {100 * acc:.2f}% (merged model {100 * merged_acc:.2f}%, same pick on "
           f"{100 * metrics['merged_prediction_agreement']:.2f}% of examples)")
     print(f"trainable {n_train:,} ({100 * n_train / n_all:.3f}%), train {train_s:.0f}s, eval {eval_s:.0f}s, {total} steps")
     print_adapter_summary(metrics, args)
