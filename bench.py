@@ -137,6 +137,7 @@ class NaiveCoordinated(nn.Module):
         self.slora = slora
 
     def forward(self, x):
+        self.slora.refresh()  # fresh gate samples, as the wrapped model's forward would draw
         for graph in self.slora.graphs.values():
             C = graph.mixing()
             dense = [l.scaling * (l.lora_B * l.gate()) @ l.lora_A for l in graph.layers]  # d×k each

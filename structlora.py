@@ -331,9 +331,14 @@ class StructLoRA(nn.Module):
         return self.model(*args, **kwargs)
 
     def _before_forward(self, module, args):
-        # One gate sample and one η per training forward, shared by every layer that uses them.
+        self.refresh()
+
+    def refresh(self):
+        """Draws this training forward's gates and mixing matrices, shared by every layer that uses
+        them (and reused by activation-checkpoint recomputation). Runs before each forward of the
+        wrapped model; call it yourself before using adapted layers outside that forward."""
         self._clear_caches()
-        if module.training:
+        if self.model.training:
             for layer in self.lora_layers.values():
                 layer.m = layer.gate()
             for graph in self.graphs.values():

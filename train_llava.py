@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--data-json", default=None, help="LLaVA conversations (default: easy-VQA)")
     p.add_argument("--eval-json", default=None)
     p.add_argument("--image-folder", default=None)
-    p.add_argument("--train-samples", type=int, default=128, help="per stage; 0 = all")
+    p.add_argument("--train-samples", type=int, default=512, help="per stage; 0 = all")
     p.add_argument("--eval-samples", type=int, default=200, help="0 = all")
     p.add_argument("--stage", default="both", choices=["1", "2", "both"])
     p.add_argument("--projector", default=None, help="stage-1 projector.safetensors for --stage 2")
