@@ -110,7 +110,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # Set by StructLoRA: the graph this layer is a node of, and (training only) this forward's
         # gate sample, shared by every layer that mixes this layer's update into its own.
-        self.graph, self.m = None, None
+        self.graph, self.m, self.cached_factors = None, None, None
         self.sketch_P, self.sketch = None, None  # §3 gradient sketch, only while armed
 
     def gate(self):
@@ -124,6 +124,8 @@ class LoRALinear(nn.Module):
 
     def factors(self):
         """(B, d, A) with ΔW^f = B·diag(d)·A; with a graph, the neighbours' factors stacked (§3)."""
+        if self.cached_factors is not None:  # training: LayerGraph.prepare() built them for the graph
+            return self.cached_factors
         if self.graph is None:
             return self.lora_B, self.scaling * self.gate(), self.lora_A  # eq. §2: (α/r)·B·diag(m)·A
         graph, i = self.graph
@@ -229,7 +231,8 @@ class LayerGraph(nn.Module):
         psi = math.log(cfg.eta_init / (cfg.eta_max - cfg.eta_init))
         self.eta_logit = nn.Parameter(torch.tensor(psi, device=self.layers[0].lora_A.device))
         self.register_buffer("adj", chain_adjacency(len(self.layers)).to(self.layers[0].lora_A.device))
-        self.C = None  # (1-η)I + ηÂ, cached by StructLoRA for one training forward
+        self.register_buffer("padded_idx", None, persistent=False)   # set by update_neighbours()
+        self.register_buffer("padded_mask", None, persistent=False)
         self.sketch_ema = None
         g = torch.Generator().manual_seed(seed)
         in_features = self.layers[0].base.in_features
@@ -256,12 +259,30 @@ class LayerGraph(nn.Module):
     def update_neighbours(self):
         adj = self.adj.cpu()
         self.neighbours = [[i] + adj[i].nonzero().flatten().tolist() for i in range(len(self.layers))]
+        # The same lists padded to one width K (a pad repeats node i with coefficient 0), so that
+        # prepare() stacks every layer's factors with a few whole-graph ops.
+        K = max(map(len, self.neighbours))
+        pad = [nb + [nb[0]] * (K - len(nb)) for nb in self.neighbours]
+        self.padded_idx = torch.tensor(pad, device=self.adj.device)
+        valid = torch.arange(K)[None, :] < torch.tensor([len(nb) for nb in self.neighbours])[:, None]
+        self.padded_mask = valid.to(self.adj.device, self.adj.dtype)
+
+    def prepare(self):
+        """Training forward: every layer's (B_cat, d, A_cat) at once (same values as LoRALinear.factors)."""
+        n, (idx, mask) = len(self.layers), (self.padded_idx, self.padded_mask)
+        coef = self.mixing().gather(1, idx) * mask                          # c_ℓj, [n, K]
+        M = torch.stack([layer.gate() for layer in self.layers])             # m_j, [n, r]
+        d = (coef[:, :, None] * M[idx]).flatten(1) * self.layers[0].scaling  # [n, K·r]
+        A = torch.stack([layer.lora_A for layer in self.layers])[idx].flatten(1, 2)  # [n, K·r, in]
+        B = torch.stack([layer.lora_B for layer in self.layers])[idx]                # [n, K, out, r]
+        B = B.permute(0, 2, 1, 3).flatten(2)                                         # [n, out, K·r]
+        for i in range(n):
+            self.layers[i].cached_factors = (B[i], d[i], A[i])
 
     def row(self, i):
         """The layers mixed into layer i's update and their coefficients."""
-        C = self.C if self.C is not None else self.mixing()
         idx = self.neighbours[i]
-        return [self.layers[j] for j in idx], C[i, idx]
+        return [self.layers[j] for j in idx], self.mixing()[i, idx]
 
     def arm_sketches(self):
         for layer in self.layers:
@@ -339,16 +360,17 @@ class StructLoRA(nn.Module):
         wrapped model; call it yourself before using adapted layers outside that forward."""
         self._clear_caches()
         if self.model.training:
-            for layer in self.lora_layers.values():
-                layer.m = layer.gate()
+            layers = [l for l in self.lora_layers.values() if l.gate_logits is not None]
+            if layers:  # §2: one Concrete sample for every direction of every layer
+                m = concrete_sample(torch.stack([l.gate_logits for l in layers]), self.cfg.tau)
+                for layer, m_l in zip(layers, m.unbind(0)):
+                    layer.m = m_l
             for graph in self.graphs.values():
-                graph.C = graph.mixing()
+                graph.prepare()
 
     def _clear_caches(self):
         for layer in self.lora_layers.values():
-            layer.m = None
-        for graph in self.graphs.values():
-            graph.C = None
+            layer.m, layer.cached_factors = None, None
 
     def ib_loss(self):
         """§4: β·Σ_modules Σ_j KL(Bern(σ(φ_j)) ‖ Bern(π0)), warmed up over kl_warmup_steps."""
@@ -356,7 +378,7 @@ class StructLoRA(nn.Module):
         if not self.cfg.ib:
             return p.new_zeros(())
         warm = min(1.0, self.steps / self.cfg.kl_warmup_steps) if self.cfg.kl_warmup_steps > 0 else 1.0
-        kl = sum(bernoulli_kl(l.gate_logits, self.cfg.prior).sum() for l in self.lora_layers.values())
+        kl = bernoulli_kl(torch.stack([l.gate_logits for l in self.lora_layers.values()]), self.cfg.prior).sum()
         return self.cfg.beta * warm * kl
 
     def step(self):

@@ -92,7 +92,8 @@ class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
-            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}; "
+                             f"pass --image-size (e.g. {cfg.patch_size * 14} or the checkpoint's own size)")
         self.cfg = cfg
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         self.patch_embed = nn.Conv2d(cfg.channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
