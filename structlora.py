@@ -269,13 +269,14 @@ class LayerGraph(nn.Module):
 
     def prepare(self):
         """Training forward: every layer's (B_cat, d, A_cat) at once (same values as LoRALinear.factors)."""
-        n, (idx, mask) = len(self.layers), (self.padded_idx, self.padded_mask)
-        coef = self.mixing().gather(1, idx) * mask                          # c_ℓj, [n, K]
-        M = torch.stack([layer.gate() for layer in self.layers])             # m_j, [n, r]
-        d = (coef[:, :, None] * M[idx]).flatten(1) * self.layers[0].scaling  # [n, K·r]
-        A = torch.stack([layer.lora_A for layer in self.layers])[idx].flatten(1, 2)  # [n, K·r, in]
-        B = torch.stack([layer.lora_B for layer in self.layers])[idx]                # [n, K, out, r]
-        B = B.permute(0, 2, 1, 3).flatten(2)                                         # [n, out, K·r]
+        idx, mask = self.padded_idx, self.padded_mask
+        (n, K), flat = idx.shape, idx.flatten()  # index_select: its backward is far cheaper than A[idx]'s
+        pick = lambda ts: torch.index_select(torch.stack(ts), 0, flat).unflatten(0, (n, K))
+        coef = self.mixing().gather(1, idx) * mask                                   # c_ℓj, [n, K]
+        M = pick([layer.gate() for layer in self.layers])                            # m_j, [n, K, r]
+        d = (coef[:, :, None] * M).flatten(1) * self.layers[0].scaling               # [n, K·r]
+        A = pick([layer.lora_A for layer in self.layers]).flatten(1, 2)               # [n, K·r, in]
+        B = pick([layer.lora_B for layer in self.layers]).permute(0, 2, 1, 3).flatten(2)  # [n, out, K·r]
         for i in range(n):
             self.layers[i].cached_factors = (B[i], d[i], A[i])
 
