@@ -3,10 +3,13 @@
 fine-foods: real Amazon fine-food reviews (R package modeldata, Debian r-cran-modeldata), "is this
 review great?" -> yes / no. BoolQ, PIQA and the commonsense instruction format (LLM-Adapters'
 commonsense_170k: instruction, input, output, answer) are read from their public JSON/JSONL files."""
+import bz2
 import gzip
 import json
+import lzma
 import os
 import struct
+import zlib
 
 MODELDATA_DIRS = ["/usr/lib/R/site-library/modeldata/data",
                   os.path.join(os.path.expanduser("~"), ".cache", "structlora", "modeldata", "usr", "lib", "R",
@@ -17,7 +20,6 @@ FETCH_MODELDATA = ("cd /tmp && apt-get download r-cran-modeldata && dpkg-deb -x 
 
 def read_r_lazyload(folder, name):
     """One object of an R package's lazy-load database (data/Rdata.rdx + .rdb), via `rdata`."""
-    import lzma, bz2, zlib
     try:
         import rdata
     except ImportError:

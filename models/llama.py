@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from models.hub import load_into, load_safetensors, read_config, resolve
+from models.hub import load_into, load_safetensors, read_config, rename, resolve
 
 
 @dataclass
@@ -200,7 +200,6 @@ def read_gguf(path):
         from gguf.quants import dequantize
     except ImportError:
         raise ImportError("reading GGUF files needs `pip install gguf`") from None
-    from models.hub import rename
     reader = GGUFReader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
     if meta.get("general.architecture") != "llama":
