@@ -26,6 +26,8 @@ def add_method_args(p, rank=8):
     p.add_argument("--semantic-every", type=int, default=d.semantic_every, help="K: steps between edge rebuilds")
     p.add_argument("--semantic-topk", type=int, default=d.semantic_topk)
     p.add_argument("--semantic-threshold", type=float, default=d.semantic_threshold)
+    p.add_argument("--control-lr", type=float, default=5e-2,
+                   help="learning rate of the gate and smoothing logits φ, ψ (see StructLoRA.param_groups)")
     p.add_argument("--warmup", type=float, default=0.06, help="share of steps with linear LR warm-up")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--seed", type=int, default=0)

@@ -107,6 +107,8 @@ class LoRALinear(nn.Module):
         # §2: gate logits φ, σ(φ) = gate_init at step 0
         init = math.log(cfg.gate_init / (1 - cfg.gate_init))
         self.gate_logits = nn.Parameter(torch.full((cfg.r,), init, **kw)) if cfg.ib else None
+        # A fixed 0/1 mask on the directions (all ones unless mask_directions() set it: filter baselines)
+        self.register_buffer("mask", torch.ones(cfg.r, **kw), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # Set by StructLoRA: the graph this layer is a node of, and (training only) this forward's
         # gate sample, shared by every layer that mixes this layer's update into its own.
@@ -116,7 +118,7 @@ class LoRALinear(nn.Module):
     def gate(self):
         """§2: m ∈ [0,1]^r — a Concrete sample in training, σ(φ) with weak directions cut to 0 at eval."""
         if self.gate_logits is None:
-            return self.lora_A.new_ones(self.r)
+            return self.mask
         if self.training:
             return self.m if self.m is not None else concrete_sample(self.gate_logits, self.cfg.tau)
         q = torch.sigmoid(self.gate_logits)
@@ -398,10 +400,47 @@ class StructLoRA(nn.Module):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]
 
+    def control_parameters(self):
+        """The gate logits φ and the smoothing logits ψ: a few numbers per layer that decide which
+        directions stay open and how much layers mix."""
+        return [l.gate_logits for l in self.lora_layers.values() if l.gate_logits is not None] + \
+            [g.eta_logit for g in self.graphs.values()]
+
+    def param_groups(self, lr, control_lr, weight_decay):
+        """AdamW groups: LoRA factors and modules_to_save at `lr` with weight decay; φ and ψ at
+        `control_lr` without it. [OURS] Adam moves a parameter by about lr per step, so at lr = 5e-3 a
+        gate logit (init 2.2, pruned below 0) cannot close in a run of a few hundred steps."""
+        control = {id(p) for p in self.control_parameters()}
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in control],
+                   "lr": lr, "weight_decay": weight_decay},
+                  {"params": self.control_parameters(), "lr": control_lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    @torch.no_grad()
+    def mask_directions(self, keep, rule, generator=None):
+        """Filter baselines (§5): fix each layer's mask to keep[name] directions, those with the largest
+        ‖b_j‖·‖a_j‖ = ‖b_j a_jᵀ‖_F (rule "norm", top-k-norm) or random ones (rule "random")."""
+        if self.cfg.ib:
+            raise ValueError("mask_directions() replaces the IB gate: use it with ib=False")
+        if rule not in ("norm", "random"):
+            raise ValueError(f"rule must be 'norm' or 'random', got {rule!r}")
+        if set(keep) != set(self.lora_layers):
+            raise ValueError(f"keep must name every adapted layer; missing {sorted(set(self.lora_layers) - set(keep))[:4]}, "
+                             f"unknown {sorted(set(keep) - set(self.lora_layers))[:4]}")
+        for name, layer in self.lora_layers.items():
+            k = keep[name]
+            if not 0 <= k <= layer.r:
+                raise ValueError(f"keep[{name!r}] = {k} is outside [0, {layer.r}]")
+            if rule == "norm":
+                score = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)
+            else:
+                score = torch.rand(layer.r, generator=generator).to(layer.mask.device)
+            layer.mask.zero_()[score.topk(k).indices] = 1.0
+
     def open_directions(self):
-        """Directions kept at eval per adapted layer (σ(φ) ≥ prune_below); r everywhere without IB."""
+        """Directions kept at eval per adapted layer: σ(φ) ≥ prune_below, or the fixed mask without IB."""
         return {n: int((torch.sigmoid(l.gate_logits) >= self.cfg.prune_below).sum()) if l.gate_logits is not None
-                else l.r for n, l in self.lora_layers.items()}
+                else int(l.mask.sum()) for n, l in self.lora_layers.items()}
 
     @torch.no_grad()
     def diagnostics(self):
@@ -430,10 +469,10 @@ class StructLoRA(nn.Module):
         return model
 
     def adapter_state_dict(self):
-        """Everything training changed: LoRA factors, gate logits, η and edges, modules_to_save."""
+        """Everything training changed: LoRA factors, masks, gate logits, η and edges, modules_to_save."""
         sd = {}
         for name, layer in self.lora_layers.items():
-            sd[f"{name}.lora_A"], sd[f"{name}.lora_B"] = layer.lora_A, layer.lora_B
+            sd[f"{name}.lora_A"], sd[f"{name}.lora_B"], sd[f"{name}.mask"] = layer.lora_A, layer.lora_B, layer.mask
             if layer.gate_logits is not None:
                 sd[f"{name}.gate_logits"] = layer.gate_logits
         for key, graph in self.graphs.items():

@@ -154,7 +154,7 @@ def main(args):
     model.grad_checkpointing = args.grad_checkpointing
     total = math.ceil(len(train) / args.batch_size) * args.epochs
     slora = StructLoRA(model, structlora_config(args, total))
-    opt, sched = optimizer(slora.trainable_parameters(), args, total)
+    opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
     n_train, n_all = parameter_counts(slora)
     split = "holdout" if args.holdout > 0 else "test"
     print(f"{args.method} r={args.rank} on {args.model}: {len(train)} training examples, {len(test)} {split} "

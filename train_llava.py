@@ -229,8 +229,8 @@ def main(args):
     total = math.ceil(len(train) / args.batch_size) * args.epochs
     slora = StructLoRA(model.language_model, structlora_config(args, total))
     model.projector.requires_grad_(True)
-    opt_params = [{"params": slora.trainable_parameters(), "lr": args.lr},
-                  {"params": list(model.projector.parameters()), "lr": args.projector_lr}]
+    opt_params = slora.param_groups(args.lr, args.control_lr, args.weight_decay) + [
+        {"params": list(model.projector.parameters()), "lr": args.projector_lr}]
     t0 = time.time()
     train_stage(model, slora, opt_params, train, tok, image_id, args, "stage 2 (projector + adapter)")
     metrics["stage2_seconds"] = time.time() - t0

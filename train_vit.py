@@ -39,6 +39,13 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
     add_method_args(p, rank=8)
+    p.add_argument("--merged-eval-samples", type=int, default=0,
+                   help="evaluate the merged model on the first N evaluation images only; 0 = all")
+    p.add_argument("--mask", default="none", choices=["none", "norm", "random"],
+                   help="filter baselines (method lora or graph): at --mask-at, fix a top-k-norm or random mask "
+                        "keeping as many directions per layer as the run in --keep-from")
+    p.add_argument("--keep-from", default=None, help="run folder of an ib/structlora run (its metrics.json)")
+    p.add_argument("--mask-at", type=float, default=0.5, help="share of training steps after which the mask is fixed")
     p.add_argument("--out", default="runs/vit", help="run folder: metrics.json, adapter/, merged/")
     p.add_argument("--save-merged", action="store_true", help="also write the merged model's weights")
     return p.parse_args(argv)
@@ -68,6 +75,20 @@ def evaluate(model, x, y, args, cfg, desc):
     return correct / len(x), torch.cat(preds)
 
 
+def read_keep(args):
+    """Directions per layer to keep for a filter baseline: those the IB gate kept in --keep-from."""
+    if args.method not in ("lora", "graph"):
+        raise SystemExit(f"--mask {args.mask} replaces the IB gate: use --method lora or graph, not {args.method}")
+    path = os.path.join(args.keep_from or "", "metrics.json")
+    if not args.keep_from or not os.path.isfile(path):
+        raise SystemExit(f"--mask {args.mask} needs --keep-from RUN_DIR with a metrics.json; got {args.keep_from!r}")
+    with open(path) as f:
+        m = json.load(f)
+    if m["args"]["rank"] != args.rank:
+        raise SystemExit(f"{path} is a rank-{m['args']['rank']} run; this run has rank {args.rank}")
+    return m["open_directions"]
+
+
 def main(args):
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
@@ -83,7 +104,8 @@ def main(args):
     steps_per_epoch = math.ceil(len(tx) / args.batch_size)
     total = steps_per_epoch * args.epochs
     slora = StructLoRA(model, structlora_config(args, total, modules_to_save=("head",)))
-    opt, sched = optimizer(slora.trainable_parameters(), args, total)
+    opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
+    keep = read_keep(args) if args.mask != "none" else None
     n_train, n_all = parameter_counts(slora)
     print(f"{args.method} r={args.rank} on {args.model}: {len(tx)} training images, {len(eval_x)} {split} images, "
           f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f}%)")
@@ -95,6 +117,8 @@ def main(args):
         slora.train()
         perm = torch.randperm(len(tx), generator=g)
         for i in range(0, len(tx), args.batch_size):
+            if keep is not None and bar.n == int(args.mask_at * total):  # §5 filter baselines
+                slora.mask_directions(keep, args.mask, torch.Generator().manual_seed(args.seed))
             idx = perm[i:i + args.batch_size]
             pixels = to_pixels(tx[idx], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
             labels = ty[idx].to(args.device)
@@ -117,7 +141,8 @@ def main(args):
     slora.save_adapter(os.path.join(args.out, "adapter"))
     open_dirs, diag = slora.open_directions(), slora.diagnostics()
     merged = slora.merge_and_unload()
-    merged_acc, merged_preds = evaluate(merged, eval_x, eval_y, args, cfg, "eval merged")
+    n_merged = len(eval_x) if args.merged_eval_samples <= 0 else min(args.merged_eval_samples, len(eval_x))
+    merged_acc, merged_preds = evaluate(merged, eval_x[:n_merged], eval_y[:n_merged], args, cfg, "eval merged")
     if args.save_merged:
         from safetensors.torch import save_file
         os.makedirs(os.path.join(args.out, "merged"), exist_ok=True)
@@ -128,7 +153,7 @@ def main(args):
 
     metrics = {
         "split": split, "accuracy": acc, "merged_accuracy": merged_acc,
-        "merged_prediction_agreement": (preds == merged_preds).float().mean().item(),
+        "merged_prediction_agreement": (preds[:n_merged] == merged_preds).float().mean().item(), "n_merged": n_merged,
         "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(tx), "n_eval": len(eval_x),
         "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": total,
         "open_directions": open_dirs, "graphs": diag, "args": vars(args),
@@ -141,8 +166,8 @@ def main(args):
 
 def summary(m, args):
     print(f"\n== {args.method}, rank {args.rank}, {args.model} on {args.dataset} ==")
-    print(f"{m['split']} accuracy {100 * m['accuracy']:.2f}% (merged model {100 * m['merged_accuracy']:.2f}%, "
-          f"same prediction on {100 * m['merged_prediction_agreement']:.2f}% of images)")
+    print(f"{m['split']} accuracy {100 * m['accuracy']:.2f}% (merged model on {m['n_merged']} of them "
+          f"{100 * m['merged_accuracy']:.2f}%, same prediction on {100 * m['merged_prediction_agreement']:.2f}%)")
     print(f"trainable {m['trainable_params']:,} ({100 * m['trainable_share']:.2f}%), "
           f"train {m['train_seconds']:.0f}s, eval {m['eval_seconds']:.0f}s, {m['steps']} steps")
     print_adapter_summary(m, args)

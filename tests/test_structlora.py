@@ -301,3 +301,60 @@ def test_training_lowers_loss_and_strong_ib_closes_gates():
     opened = slora.open_directions()
     assert sum(opened.values()) < 4 * len(opened)  # the IB penalty closed some directions
     assert sum(opened.values()) > 0                # but not the ones the task needs
+
+
+def test_param_groups_split_control_logits_from_factors():
+    _, slora = make(modules_to_save=("head",))
+    factors, control = slora.param_groups(lr=1e-3, control_lr=5e-2, weight_decay=0.01)
+    assert (factors["lr"], factors["weight_decay"], control["lr"], control["weight_decay"]) == (1e-3, 0.01, 5e-2, 0.0)
+    names = {id(p): n for n, p in slora.named_parameters()}
+    assert {names[id(p)].rsplit(".", 1)[-1] for p in control["params"]} == {"gate_logits", "eta_logit"}
+    grouped = [id(p) for g in (factors, control) for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in slora.trainable_parameters())  # each exactly once
+    _, plain = make(ib=False, graph=False)
+    assert len(plain.param_groups(1e-3, 5e-2, 0.01)) == 1  # LoRA: no control parameters, no empty group
+
+
+@pytest.mark.parametrize("rule", ["norm", "random"])
+def test_mask_directions_keeps_k_directions_and_merges_them(rule):
+    base, slora = make(ib=False, graph=False)
+    randomize_adapters(slora)
+    keep = {n: i % 5 for i, n in enumerate(slora.lora_layers)}  # 0..4 of r = 4
+    slora.mask_directions(keep, rule, torch.Generator().manual_seed(0))
+    assert slora.open_directions() == keep
+    x = torch.randn(2, 7, 16)
+    out = slora.eval()(x)
+    for name, layer in slora.lora_layers.items():
+        B, A = layer.lora_B.detach().double().numpy(), layer.lora_A.detach().double().numpy()
+        kept = np.flatnonzero(layer.mask.numpy())
+        assert len(kept) == keep[name]
+        if rule == "norm":  # the kept rank-one updates b_j a_jᵀ have the largest Frobenius norms
+            norms = [np.linalg.norm(np.outer(B[:, j], A[j])) for j in range(layer.r)]
+            assert sorted(kept) == sorted(np.argsort(norms)[::-1][:keep[name]])
+        dense = sum((np.outer(B[:, j], A[j]) for j in kept), np.zeros((B.shape[0], A.shape[1]))) * layer.scaling
+        assert rel_err(layer.delta_weight(), torch.from_numpy(dense)) < 1e-6 or not len(kept)
+    merged = slora.merge_and_unload()
+    assert rel_err(merged(x), out) < 1e-5
+
+
+def test_mask_directions_survives_save_and_load(tmp_path):
+    base, slora = make(ib=False, graph=True)
+    randomize_adapters(slora)
+    slora.mask_directions({n: 2 for n in slora.lora_layers}, "random", torch.Generator().manual_seed(1))
+    slora.save_adapter(tmp_path / "a")
+    again = StructLoRA.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    x = torch.randn(2, 7, 16)
+    assert rel_err(again.eval()(x), slora.eval()(x)) < 1e-6 and again.open_directions() == slora.open_directions()
+
+
+def test_mask_directions_rejects_bad_input():
+    _, slora = make(ib=True)
+    with pytest.raises(ValueError, match="ib=False"):
+        slora.mask_directions({n: 1 for n in slora.lora_layers}, "norm")
+    _, slora = make(ib=False)
+    with pytest.raises(ValueError, match="rule"):
+        slora.mask_directions({n: 1 for n in slora.lora_layers}, "magnitude")
+    with pytest.raises(ValueError, match="missing"):
+        slora.mask_directions({"blocks.0.q_proj": 1}, "norm")
+    with pytest.raises(ValueError, match="outside"):
+        slora.mask_directions({n: 5 for n in slora.lora_layers}, "norm")

@@ -85,3 +85,18 @@ def test_fashion_mnist_reader():
     assert tx.shape == (60000, 1, 28, 28) and sx.shape == (10000, 1, 28, 28) and tx.dtype == torch.uint8
     assert torch.equal(torch.bincount(ty), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(sy), torch.full((10,), 1000))
+
+
+@pytest.mark.parametrize("rule", ["norm", "random"])
+def test_filter_baseline_keeps_as_many_directions_as_the_ib_run(tiny, tmp_path, rule):
+    ib = run(tiny, tmp_path / "ib", "--method", "ib", "--rank", "4", "--beta", "1", "--control-lr", "1")
+    assert sum(ib["open_directions"].values()) < 4 * 6  # this β closes some directions
+    m = run(tiny, tmp_path / "masked", "--method", "lora", "--rank", "4", "--mask", rule,
+            "--keep-from", str(tmp_path / "ib" / "run"))
+    assert m["open_directions"] == ib["open_directions"] and m["merged_accuracy"] == m["accuracy"]
+    with pytest.raises(SystemExit, match="--keep-from"):
+        run(tiny, tmp_path, "--method", "lora", "--rank", "4", "--mask", rule)
+    with pytest.raises(SystemExit, match="rank-4 run"):
+        run(tiny, tmp_path, "--method", "lora", "--rank", "2", "--mask", rule, "--keep-from", str(tmp_path / "ib" / "run"))
+    with pytest.raises(SystemExit, match="replaces the IB gate"):
+        run(tiny, tmp_path, "--method", "ib", "--rank", "4", "--mask", rule, "--keep-from", str(tmp_path / "ib" / "run"))
