@@ -20,6 +20,7 @@ def add_method_args(p, rank=8):
     p.add_argument("--target-modules", default="q_proj,v_proj")
     p.add_argument("--beta", type=float, default=d.beta, help="IB penalty weight β")
     p.add_argument("--prior", type=float, default=d.prior, help="IB prior π0 of an open direction")
+    p.add_argument("--gate-init", type=float, default=d.gate_init, help="σ(φ) of every gate at step 0")
     p.add_argument("--tau", type=float, default=d.tau, help="Concrete temperature τ")
     p.add_argument("--kl-warmup", type=float, default=0.1, help="share of steps over which β ramps up")
     p.add_argument("--eta-init", type=float, default=d.eta_init, help="initial smoothing step η")
@@ -40,6 +41,7 @@ def structlora_config(args, total_steps, modules_to_save=()):
     return StructLoRAConfig(
         r=args.rank, alpha=args.alpha or 2.0 * args.rank, target_modules=tuple(args.target_modules.split(",")),
         modules_to_save=modules_to_save, ib=ib, graph=graph, beta=args.beta, prior=args.prior, tau=args.tau,
+        gate_init=args.gate_init,
         kl_warmup_steps=int(args.kl_warmup * total_steps), eta_init=args.eta_init,
         semantic_every=args.semantic_every, semantic_topk=args.semantic_topk,
         semantic_threshold=args.semantic_threshold, seed=args.seed)
