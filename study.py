@@ -2,6 +2,7 @@
 
     python study.py vit      # DINOv2-S on Fashion-MNIST: r {2,4,8} × 4 methods × seeds {0,1,2} × {10, 50} images/class
     python study.py filter   # r = 8, 50 images/class: IB gate vs top-k-norm vs random mask (same kept directions)
+    python study.py investigate  # held-out: one knob at a time (gate init, β, η₀, edge rule) at r = 8, 10/class
     python study.py llama    # SmolLM2-135M on fine-foods: r {2,8} × {lora, structlora} × seeds {0,1,2}
     python study.py report   # tables with paired t-tests → results/study/tables.md, plot → results/study/accuracy.png
     python study.py all
@@ -28,6 +29,17 @@ VIT_EVAL = ["--test-samples", "3000", "--merged-eval-samples", "256"]
 # of them (results/vit_holdout_control_lr), so the filters are compared there, all at that lr.
 FILTER_RANK, FILTER_SIZE, FILTER_CONTROL_LR = 8, 50, "2e-1"
 LLAMA_RANKS, LLAMA_METHODS = (2, 8), ("lora", "structlora")
+# One knob at a time from the defaults, on held-out training images (never the test split)
+INVESTIGATE_RANK, INVESTIGATE_SIZE = 8, 10
+VARIANTS = {
+    "lora": ["--method=lora"],
+    "structlora (defaults)": [],
+    "gate init 0.99": ["--gate-init=0.99"],
+    "β 1e-2": ["--beta=1e-2"],
+    "η₀ 0.5": ["--eta-init=0.5"],
+    "chain edges only": ["--semantic-every=0"],
+    "semantic threshold 0": ["--semantic-threshold=0"],
+}
 RESULTS, RUNS = "results/study", "runs/study"
 
 
@@ -91,6 +103,17 @@ def vit_filter():
             save("vit_filter", rows)
 
 
+def investigate():
+    rows = []
+    for name, variant in VARIANTS.items():
+        for seed in SEEDS:
+            out = f"{RUNS}/investigate/{name.replace(' ', '_')}_seed{seed}"
+            flags = SIZES[INVESTIGATE_SIZE] + ["--holdout-per-class=100", "--merged-eval-samples=256",
+                                               f"--rank={INVESTIGATE_RANK}", "--method=structlora", f"--seed={seed}"]
+            rows.append({"variant": name, "seed": seed, **run(train_vit, out, flags + variant)})
+            save("vit_investigate", rows)
+
+
 def llama():
     rows = []
     for rank in LLAMA_RANKS:
@@ -143,7 +166,9 @@ def versus_lora(rows, **key):
     runs, lora = by_seed(rows, **key), by_seed(rows, **{**key, "method": "lora"})
     seeds = sorted(set(runs) & set(lora))
     acc = [runs[s]["accuracy"] for s in seeds]
-    if key["method"] == "lora":
+    if not seeds:
+        return ["–", "", ""]
+    if key["method"] == "lora" or len(seeds) < 2:
         return [pm(acc), "", ""]
     base = [lora[s]["accuracy"] for s in seeds]
     t, p = paired_t(acc, base)
@@ -166,10 +191,12 @@ def vit_tables(rows):
         for r in RANKS:
             for m in METHODS[1:]:
                 runs = list(by_seed(rows, size=size, rank=r, method=m).values())
+                if not runs:
+                    continue
                 mean = lambda k: statistics.mean(x[k] for x in runs) if runs and runs[0][k] is not None else None
                 fmt = lambda v, f: "–" if v is None else format(v, f)
                 lines.append([size, r, m, f"{mean('open_directions'):.1f} / {runs[0]['directions']}",
-                              fmt(mean("eta"), ".3f"), fmt(mean("semantic_edges"), ".1f"),
+                              fmt(mean("eta"), ".3f"), fmt(mean("semantic_edges") if runs[0]["eta"] else None, ".1f"),
                               f"{fmt(mean('adjacent_cosine_before'), '.3f')} → {fmt(mean('adjacent_cosine_after'), '.3f')}",
                               f"{fmt(mean('drift_energy_before'), '.3g')} → {fmt(mean('drift_energy_after'), '.3g')}"])
     out.append("### ViT diagnostics (means over seeds; graph columns averaged over the q and v graphs)\n\n" +
@@ -194,11 +221,41 @@ def filter_table(rows):
 
 
 def llama_table(rows):
-    lines = [[r, m, *versus_lora(rows, rank=r, method=m),
-              f"{statistics.mean(x['open_directions'] for x in by_seed(rows, rank=r, method=m).values()):.1f}"]
-             for r in LLAMA_RANKS for m in LLAMA_METHODS]
+    lines = []
+    for r in LLAMA_RANKS:
+        for m in LLAMA_METHODS:
+            runs = list(by_seed(rows, rank=r, method=m).values())
+            if not runs:
+                continue
+            cos = [(x["adjacent_cosine_before"], x["adjacent_cosine_after"]) for x in runs if x["eta"] is not None]
+            cos = f"{statistics.mean(b for b, _ in cos):.3f} → {statistics.mean(a for _, a in cos):.3f}" if cos else "–"
+            lines.append([r, m, *versus_lora(rows, rank=r, method=m),
+                          f"{statistics.mean(x['open_directions'] for x in runs):.1f} / {runs[0]['directions']}", cos])
     return ("### SmolLM2-135M on fine-foods (accuracy %, 200 test reviews, seeds " + str(list(SEEDS)) + ")\n\n" +
-            table(["r", "method", "accuracy", "Δ vs LoRA", "p (paired t)", "open directions"], lines))
+            table(["r", "method", "accuracy", "Δ vs LoRA", "p (paired t)", "open directions", "adjacent cosine"], lines))
+
+
+def investigate_table(rows):
+    lora = by_seed(rows, variant="lora")
+    lines = []
+    for name in VARIANTS:
+        runs = by_seed(rows, variant=name)
+        seeds = sorted(set(runs) & set(lora))
+        if not seeds:
+            continue
+        acc = [runs[s]["accuracy"] for s in seeds]
+        p = paired_t(acc, [lora[s]["accuracy"] for s in seeds])[1] if name != "lora" and len(seeds) > 1 else None
+        eta = [runs[s]["eta"] for s in seeds if runs[s]["eta"] is not None]
+        lines.append([name, pm(acc), "" if p is None else f"{p:.2f}",
+                      f"{statistics.mean(runs[s]['open_directions'] for s in seeds):.1f} / {runs[seeds[0]]['directions']}",
+                      f"{statistics.mean(eta):.3f}" if eta else "–"])
+    return (f"### Investigation (held-out: 100 other training images per class; r = {INVESTIGATE_RANK}, "
+            f"{INVESTIGATE_SIZE} images per class)\n\n" +
+            table(["variant", "held-out accuracy", "p vs LoRA (paired t)", "open directions", "η"], lines))
+
+
+def mean_sd(values):
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def plot(rows, path):
@@ -208,14 +265,14 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, size in zip(axes[:2], SIZES):
         for m in METHODS:
-            ys = [[100 * x["accuracy"] for x in by_seed(rows, size=size, rank=r, method=m).values()] for r in RANKS]
-            ax.errorbar(RANKS, [statistics.mean(y) for y in ys], [statistics.stdev(y) for y in ys],
-                        marker="o", capsize=3, label=m)
+            xs = [r for r in RANKS if by_seed(rows, size=size, rank=r, method=m)]
+            ys = [mean_sd([100 * x["accuracy"] for x in by_seed(rows, size=size, rank=r, method=m).values()]) for r in xs]
+            ax.errorbar(xs, [y for y, _ in ys], [sd for _, sd in ys], marker="o", capsize=3, label=m)
         ax.set(title=f"{size} images per class", xlabel="rank r", ylabel="test accuracy %", xticks=RANKS)
     for m in METHODS:
-        ys = [[100 * x["accuracy"] for x in by_seed(rows, size=s, rank=8, method=m).values()] for s in SIZES]
-        axes[2].errorbar(list(SIZES), [statistics.mean(y) for y in ys], [statistics.stdev(y) for y in ys],
-                         marker="o", capsize=3, label=m)
+        xs = [s for s in SIZES if by_seed(rows, size=s, rank=8, method=m)]
+        ys = [mean_sd([100 * x["accuracy"] for x in by_seed(rows, size=s, rank=8, method=m).values()]) for s in xs]
+        axes[2].errorbar(xs, [y for y, _ in ys], [sd for _, sd in ys], marker="o", capsize=3, label=m)
     axes[2].set(title="r = 8", xlabel="training images per class", ylabel="test accuracy %", xticks=list(SIZES))
     axes[0].legend()
     fig.suptitle("DINOv2-S/14 on Fashion-MNIST, mean ± std over 3 seeds")
@@ -225,7 +282,8 @@ def plot(rows, path):
 
 def report():
     parts, total = [], 0.0
-    for name, make in (("vit", vit_tables), ("vit_filter", filter_table), ("llama", llama_table)):
+    for name, make in (("vit", vit_tables), ("vit_filter", filter_table), ("vit_investigate", investigate_table),
+                       ("llama", llama_table)):
         path = os.path.join(RESULTS, f"{name}.json")
         if not os.path.isfile(path):
             print(f"skipping {name}: {path} not found (run `python study.py {name.replace('vit_', '')}`)")
@@ -248,9 +306,9 @@ def report():
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["vit", "filter", "llama", "report", "all"])
+    p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "report", "all"])
     part = p.parse_args().part
-    steps = {"vit": [vit_grid], "filter": [vit_filter], "llama": [llama], "report": [report],
-             "all": [vit_grid, vit_filter, llama, report]}[part]
+    steps = {"vit": [vit_grid], "filter": [vit_filter], "investigate": [investigate], "llama": [llama],
+             "report": [report], "all": [vit_grid, vit_filter, investigate, llama, report]}[part]
     for step in steps:
         step()

@@ -37,10 +37,14 @@ def test_report_on_synthetic_runs(tmp_path, monkeypatch):
            for s in study.SIZES for r in study.RANKS for m in study.METHODS for seed in study.SEEDS]
     filt = [{"filter": f, "seed": seed, "accuracy": rng.uniform(0.7, 0.8), **diag}
             for f in ("ib", "norm", "random") for seed in study.SEEDS]
-    for name, rows in (("vit", vit), ("vit_filter", filt)):
+    inv = [{"variant": v, "seed": seed, "accuracy": rng.uniform(0.7, 0.8), **diag}
+           for v in study.VARIANTS for seed in study.SEEDS]
+    for name, rows in (("vit", vit), ("vit_filter", filt), ("vit_investigate", inv)):
         (tmp_path / f"{name}.json").write_text(json.dumps(rows))
     study.report()
     text = (tmp_path / "tables.md").read_text()
     lora_r2 = [100 * r["accuracy"] for r in vit if (r["size"], r["rank"], r["method"]) == (10, 2, "lora")]
     assert f"| 2 | lora | {sum(lora_r2) / 3:.2f} ± " in text
-    assert "### Filter comparison" in text and "SmolLM2" not in text  # llama.json absent: skipped
+    assert "### Filter comparison" in text and "### Investigation" in text
+    assert "SmolLM2" not in text  # llama.json absent: skipped
+    assert (tmp_path / "accuracy.png").is_file() or pytest.importorskip("matplotlib") is None
