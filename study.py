@@ -37,12 +37,12 @@ LLAMA_RANKS, LLAMA_METHODS = (2, 8), ("lora", "structlora")
 INVESTIGATE_RANK, INVESTIGATE_SIZE = 8, 10
 VARIANTS = {
     "lora": ["--method=lora"],
-    "structlora (defaults)": [],
-    "gate init 0.99": ["--gate-init=0.99"],
-    "β 1e-2": ["--beta=1e-2"],
-    "η₀ 0.5": ["--eta-init=0.5"],
+    "structlora": [],
+    "gate-init 0.99": ["--gate-init=0.99"],
+    "beta 1e-2": ["--beta=1e-2"],
+    "eta-init 0.5": ["--eta-init=0.5"],
     "chain edges only": ["--semantic-every=0"],
-    "semantic threshold 0": ["--semantic-threshold=0"],
+    "semantic-threshold 0": ["--semantic-threshold=0"],
 }
 RESULTS, RUNS = "results/study", "runs/study"
 
@@ -134,7 +134,7 @@ def investigate():
     rows = []
     for name, variant in VARIANTS.items():
         for seed in SEEDS:
-            out = f"{RUNS}/investigate/{name.replace(' ', '_')}_seed{seed}"
+            out = f"{RUNS}/investigate/{name.replace(' ', '_')}_seed{seed}"  # e.g. beta_1e-2_seed0
             flags = SIZES[INVESTIGATE_SIZE] + ["--holdout-per-class=100", "--merged-eval-samples=256",
                                                f"--rank={INVESTIGATE_RANK}", "--method=structlora", f"--seed={seed}"]
             rows.append({"variant": name, "seed": seed, **run(train_vit, out, flags + variant)})
