@@ -239,9 +239,11 @@ def filter_table(rows):
     lines = []
     for rule in ("ib", "norm", "random"):
         runs = by_seed(rows, filter=rule)
-        seeds = sorted(runs)
+        seeds = sorted(set(runs) & set(ib))
+        if not seeds:
+            continue
         acc = [runs[s]["accuracy"] for s in seeds]
-        t, p = paired_t(acc, [ib[s]["accuracy"] for s in seeds]) if rule != "ib" else (None, None)
+        t, p = paired_t(acc, [ib[s]["accuracy"] for s in seeds]) if rule != "ib" and len(seeds) > 1 else (None, None)
         kept = statistics.mean(runs[s]["open_directions"] for s in seeds)
         lines.append([rule, f"{kept:.1f} / {runs[seeds[0]]['directions']}", pm(acc), "" if p is None else f"{p:.2f}"])
     return (f"### Filter comparison (r = {FILTER_RANK}, {FILTER_SIZE} images per class, graph coordinator on, "
