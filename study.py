@@ -329,7 +329,7 @@ def report():
                 plot(rows, os.path.join(RESULTS, "accuracy.png"))
             except ImportError:
                 print("no plot: matplotlib is not installed (pip install -r requirements-study.txt)")
-    parts.append(f"Training + evaluation time of all runs: {total / 60:.0f} min on this machine.\n")
+    parts.append(f"Training + evaluation time summed over all runs: {total / 60:.0f} min on this machine.\n")
     with open(os.path.join(RESULTS, "tables.md"), "w") as f:
         f.write("\n".join(parts))
     print("\n".join(parts))
