@@ -1,5 +1,5 @@
 """study.py's statistics against scipy, and its report on synthetic runs."""
-import copy
+import importlib.util
 import json
 import random
 
@@ -52,7 +52,8 @@ def test_report_on_synthetic_runs(tmp_path, monkeypatch):
     assert f"| 2 | lora | {sum(lora_r2) / 3:.2f} ± " in text
     assert "### Filter comparison" in text and "### Investigation" in text
     assert "SmolLM2" not in text  # llama.json absent: skipped
-    assert (tmp_path / "accuracy.png").is_file() or pytest.importorskip("matplotlib") is None
+    if importlib.util.find_spec("matplotlib"):  # the plot is optional (requirements-study.txt)
+        assert (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("ib", [False, True])
