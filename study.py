@@ -102,12 +102,12 @@ def save(name, rows):
         json.dump(rows, f, indent=1)
 
 
-def vit_grid():
+def vit_grid(seeds=SEEDS):
     rows = []
     for size, size_flags in SIZES.items():
         for rank in RANKS:
             for method in METHODS:
-                for seed in SEEDS:
+                for seed in seeds:
                     out = f"{RUNS}/vit/n{size}_r{rank}_{method}_seed{seed}"
                     flags = size_flags + VIT_EVAL + [f"--rank={rank}", f"--method={method}", f"--seed={seed}"]
                     rows.append({"size": size, "rank": rank, "method": method, "seed": seed,
@@ -115,10 +115,10 @@ def vit_grid():
                     save("vit", rows)
 
 
-def vit_filter():
+def vit_filter(seeds=SEEDS):
     """IB (structlora) against the same coordinator with a fixed mask of as many directions per layer."""
     rows = []
-    for seed in SEEDS:
+    for seed in seeds:
         ib_run = f"{RUNS}/vit_filter/ib_seed{seed}"
         common = SIZES[FILTER_SIZE] + VIT_EVAL + [f"--rank={FILTER_RANK}", f"--seed={seed}",
                                                   f"--control-lr={FILTER_CONTROL_LR}"]
@@ -130,10 +130,10 @@ def vit_filter():
             save("vit_filter", rows)
 
 
-def investigate():
+def investigate(seeds=SEEDS):
     rows = []
     for name, variant in VARIANTS.items():
-        for seed in SEEDS:
+        for seed in seeds:
             out = f"{RUNS}/investigate/{name.replace(' ', '_')}_seed{seed}"  # e.g. beta_1e-2_seed0
             flags = SIZES[INVESTIGATE_SIZE] + ["--holdout-per-class=100", "--merged-eval-samples=256",
                                                f"--rank={INVESTIGATE_RANK}", "--method=structlora", f"--seed={seed}"]
@@ -141,11 +141,11 @@ def investigate():
             save("vit_investigate", rows)
 
 
-def llama():
+def llama(seeds=SEEDS):
     rows = []
     for rank in LLAMA_RANKS:
         for method in LLAMA_METHODS:
-            for seed in SEEDS:
+            for seed in seeds:
                 out = f"{RUNS}/llama/r{rank}_{method}_seed{seed}"
                 flags = [f"--rank={rank}", f"--method={method}", f"--seed={seed}", "--generations=0"]
                 rows.append({"rank": rank, "method": method, "seed": seed, **run(train_llama, out, flags)})
@@ -211,7 +211,8 @@ def vit_tables(rows):
     out = []
     for size in SIZES:
         lines = [[r, m, *versus_lora(rows, size=size, rank=r, method=m)] for r in RANKS for m in METHODS]
-        out.append(f"### ViT, {size} images per class (test accuracy %, 3000 test images, seeds {list(SEEDS)})\n\n" +
+        seeds = sorted({r["seed"] for r in rows if r["size"] == size})
+        out.append(f"### ViT, {size} images per class (test accuracy %, 3000 test images, seeds {seeds})\n\n" +
                    table(["r", "method", "accuracy", "Δ vs LoRA", "p (paired t)"], lines))
     lines = []
     for size in SIZES:
@@ -262,7 +263,8 @@ def llama_table(rows):
             cos = f"{statistics.mean(b for b, _ in cos):.3f} → {statistics.mean(a for _, a in cos):.3f}" if cos else "–"
             lines.append([r, m, *versus_lora(rows, rank=r, method=m),
                           f"{statistics.mean(x['open_directions'] for x in runs):.1f} / {runs[0]['directions']}", cos])
-    return ("### SmolLM2-135M on fine-foods (accuracy %, 200 test reviews, seeds " + str(list(SEEDS)) + ")\n\n" +
+    seeds = sorted({r["seed"] for r in rows})
+    return (f"### SmolLM2-135M on fine-foods (accuracy %, 200 test reviews, seeds {seeds})\n\n" +
             table(["r", "method", "accuracy", "Δ vs LoRA", "p (paired t)", "open directions", "adjacent cosine"], lines))
 
 
@@ -306,7 +308,7 @@ def plot(rows, path):
         axes[2].errorbar(xs, [y for y, _ in ys], [sd for _, sd in ys], marker="o", capsize=3, label=m)
     axes[2].set(title="r = 8", xlabel="training images per class", ylabel="test accuracy %", xticks=list(SIZES))
     axes[0].legend()
-    fig.suptitle("DINOv2-S/14 on Fashion-MNIST, mean ± std over 3 seeds")
+    fig.suptitle(f"DINOv2-S/14 on Fashion-MNIST, mean ± std over {len({r['seed'] for r in rows})} seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -338,8 +340,10 @@ def report():
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "report", "all"])
-    part = p.parse_args().part
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds of the training runs")
+    args = p.parse_args()
+    part, seeds = args.part, tuple(args.seeds)
     steps = {"vit": [vit_grid], "filter": [vit_filter], "investigate": [investigate], "llama": [llama],
              "report": [report], "all": [vit_grid, vit_filter, investigate, llama, report]}[part]
     for step in steps:
-        step()
+        step() if step is report else step(seeds)
