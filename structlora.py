@@ -81,6 +81,12 @@ def concrete_sample(logits, tau):
     return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
 
 
+def deterministic_gate(logits, prune_below):
+    """Eval and merge: m = σ(φ), with directions below prune_below cut to exactly 0."""
+    q = torch.sigmoid(logits)
+    return q * (q >= prune_below)
+
+
 def bernoulli_kl(logits, prior):
     """KL(Bern(σ(φ)) ‖ Bern(π0)) per direction: the variational bound on I(ΔW̃; X)."""
     q = torch.sigmoid(logits)
@@ -121,8 +127,7 @@ class LoRALinear(nn.Module):
             return self.mask
         if self.training:
             return self.m if self.m is not None else concrete_sample(self.gate_logits, self.cfg.tau)
-        q = torch.sigmoid(self.gate_logits)
-        return q * (q >= self.cfg.prune_below)
+        return deterministic_gate(self.gate_logits, self.cfg.prune_below)
 
     def factors(self):
         """(B, d, A) with ΔW^f = B·diag(d)·A; with a graph, the neighbours' factors stacked (§3)."""
@@ -207,6 +212,11 @@ def semantic_adjacency(sketches, topk, threshold):
         keep = val > threshold
         adj[idx[:, None].expand_as(j)[keep], j[keep]] = 1.0
     return torch.maximum(adj, adj.T)
+
+
+def factor_gram(factors):
+    """G_ij = ⟨ΔW_i, ΔW_j⟩_F for ΔW_i = B_i·A_i, from r×r products only: Σ (B_iᵀB_j) ⊙ (A_i A_jᵀ)."""
+    return torch.stack([torch.stack([((Bi.T @ Bj) * (Ai @ Aj.T)).sum() for Bj, Aj in factors]) for Bi, Ai in factors])
 
 
 def drift_energy(gram, adj):
@@ -307,8 +317,7 @@ class LayerGraph(nn.Module):
     @torch.no_grad()
     def gram(self, coordinated):
         """G_ij = ⟨ΔW_i, ΔW_j⟩_F in factor form: Σ (B_iᵀB_j) ⊙ (D_iA_i A_jᵀD_j), r×r products only."""
-        f = [(l.lora_B.float(), (l.scaling * l.gate())[:, None] * l.lora_A.float()) for l in self.layers]
-        G = torch.stack([torch.stack([((Bi.T @ Bj) * (Ai @ Aj.T)).sum() for Bj, Aj in f]) for Bi, Ai in f])
+        G = factor_gram([(l.lora_B.float(), (l.scaling * l.gate())[:, None] * l.lora_A.float()) for l in self.layers])
         if coordinated:
             C = self.mixing().float()
             G = C @ G @ C.T  # H^f = C·H̃  ⇒  G^f = C·G·Cᵀ

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 import train_llama
 import train_vit
-from structlora import adjacent_cosine, read_adapter_config
+from structlora import adjacent_cosine, deterministic_gate, factor_gram, read_adapter_config
 
 RANKS, METHODS, SEEDS = (2, 4, 8), ("lora", "ib", "graph", "structlora"), (0, 1, 2)
 # images per class → training flags; both settings take about the same number of steps (80 and 96)
@@ -68,16 +68,11 @@ def plain_adjacent_cosine(run_dir):
     groups = {}
     for name in saved["layers"]:  # saved in depth order
         if f"{name}.gate_logits" in t:
-            q = torch.sigmoid(t[f"{name}.gate_logits"].double())
-            m = q * (q >= saved["config"]["prune_below"])
+            m = deterministic_gate(t[f"{name}.gate_logits"].double(), saved["config"]["prune_below"])
         else:
             m = t[f"{name}.mask"].double()
         groups.setdefault(name.rpartition(".")[2], []).append((t[f"{name}.lora_B"].double() * m, t[f"{name}.lora_A"].double()))
-    cos = []
-    for f in groups.values():  # G_ij = ⟨ΔW̃_i, ΔW̃_j⟩_F = Σ (B_iᵀB_j) ⊙ (A_i A_jᵀ)
-        gram = torch.stack([torch.stack([((Bi.T @ Bj) * (Ai @ Aj.T)).sum() for Bj, Aj in f]) for Bi, Ai in f])
-        cos.append(float(adjacent_cosine(gram)))
-    return statistics.mean(cos)
+    return statistics.mean(float(adjacent_cosine(factor_gram(f))) for f in groups.values())
 
 
 def summarize(m, wall, out):
@@ -325,7 +320,7 @@ def report():
             rows = json.load(f)
         made = make(rows)
         parts += [made] if isinstance(made, str) else made
-        total += sum(r["train_seconds"] + r["eval_seconds"] for r in rows if name != "vit_filter" or r["filter"] != "ib")
+        total += sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
         if name == "vit":
             try:
                 plot(rows, os.path.join(RESULTS, "accuracy.png"))

@@ -117,7 +117,7 @@ def main(args):
         slora.train()
         perm = torch.randperm(len(tx), generator=g)
         for i in range(0, len(tx), args.batch_size):
-            if keep is not None and bar.n == int(args.mask_at * total):  # §5 filter baselines
+            if keep is not None and slora.steps == int(args.mask_at * total):  # §5 filter baselines
                 slora.mask_directions(keep, args.mask, torch.Generator().manual_seed(args.seed))
             idx = perm[i:i + args.batch_size]
             pixels = to_pixels(tx[idx], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
