@@ -351,7 +351,7 @@ class LayerGraph(nn.Module):
         n, dev = len(self.layers), self.layers[0].lora_A.device
         chain = chain_adjacency(depth)
         # Fixed-shape buffers, updated in place, so DDP's buffer broadcast always matches
-        self.register_buffer("adj", (torch.zeros(n, n) if cfg.edges == "semantic" else chain).to(dev))
+        self.register_buffer("adj", (torch.zeros(n, n) if cfg.edges == "semantic" else chain.clone()).to(dev))
         self.register_buffer("chain", chain.to(dev), persistent=False)
         self.register_buffer("a_hat", torch.zeros(n, n, device=dev), persistent=False)
         self.register_buffer("eye", torch.eye(n, device=dev), persistent=False)
@@ -663,6 +663,7 @@ class StructLoRA(nn.Module):
     def load_adapter(self, path):
         """Loads a save_adapter() folder (see load_adapter_state)."""
         from safetensors.torch import load_file
+        self._live()
         meta = read_adapter_config(path)
         self.load_adapter_state(load_file(os.path.join(path, ADAPTER_WEIGHTS)), meta)
 
