@@ -378,6 +378,11 @@ class LayerGraph(nn.Module):
         n = len(self.layers)
         self.order.copy_(torch.tensor([s + [j for j in range(n) if j not in s] for s in self.sources]))
 
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.set_edges(self.adj)  # Â again in the new dtype (a float32 1/3 cast to float64 is not 1/3)
+        return self
+
     def source_index(self, i):
         return self.order[i, :len(self.sources[i])]
 

@@ -198,3 +198,22 @@ def test_a_shared_linear_is_refused():
     with pytest.raises(ValueError, match="several paths"):
         StructLoRA(model, StructLoRAConfig())
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_readme_snippet_trains_gates_and_coordinator_and_merges(tmp_path, monkeypatch):
+    from pathlib import Path
+    import re
+    import torch.nn.functional as F
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme.split("## Use it on your own model", 1)[1], re.S).group(1)
+    torch.manual_seed(0)
+    model = ToyModel()
+    data = [(torch.randn(8, 5, 16), torch.randint(0, 3, (8,))) for _ in range(40)]
+    monkeypatch.chdir(tmp_path)
+    scope = {"model": model, "data": data, "torch": torch, "F": F}
+    exec(code, scope)
+    assert not any(isinstance(m, LoRALinear) for m in scope["model"].modules())
+    assert scope["cfg"].kl_warmup_steps == 4 and (tmp_path / "adapter" / "adapter_config.json").exists()
+    control = scope["opt"].param_groups[1]  # φ of 10 layers and ψ of 2 graphs at the control lr, no decay
+    assert (control["lr"], control["weight_decay"], len(control["params"])) == (5e-2, 0.0, 12)
+    assert sorted(p.numel() for p in control["params"]) == [1, 1] + [8] * 10
