@@ -306,13 +306,19 @@ class Smooth(nn.Module):
         self.eta_logit = nn.Parameter(torch.tensor(psi, device=graph.adj.device))
 
     def eta(self):
-        return self.eta_max * torch.sigmoid(self.eta_logit)
+        eta = torch.sigmoid(self.eta_logit)
+        return eta if self.eta_max == 1 else self.eta_max * eta
 
     def forward(self, graph, i, B):
-        eta, v = self.eta(), graph.eye[i]
-        for _ in range(self.T):
-            v = (1 - eta) * v + eta * (v @ graph.a_hat)  # row i of C^t
-        return B * v[graph.source_index(i)][:, None]     # B'_s = (C^T)_is·B_s
+        eta, K = self.eta(), B.shape[1]
+        if self.T == 1:  # row i of C = I − η·L over i's sources (i first): e_0 − η·L_i,sources
+            c = graph.eye[0, :K] - eta * graph.lap[i, :K]
+        else:
+            v = graph.eye[i]
+            for _ in range(self.T):
+                v = v - eta * (v - v @ graph.a_hat)  # row i of C^t = (1−η)·v + η·v·Â
+            c = v[graph.source_index(i)]
+        return B * c[:, None]  # B'_s = (C^T)_is·B_s
 
 
 class GCN(nn.Module):
@@ -359,6 +365,7 @@ class LayerGraph(nn.Module):
         self.register_buffer("a_hat", torch.zeros(n, n, device=dev), persistent=False)
         self.register_buffer("eye", torch.eye(n, device=dev), persistent=False)
         self.register_buffer("order", torch.zeros(n, n, dtype=torch.long, device=dev), persistent=False)
+        self.register_buffer("lap", torch.zeros(n, n, device=dev), persistent=False)  # L = I − Â, row i in i's source order
         self.sketch_ema = None
         g = torch.Generator().manual_seed(seed)
         self.P = torch.randn(self.layers[0].base.in_features, cfg.sketch_dim, generator=g) / math.sqrt(cfg.sketch_dim)
@@ -380,6 +387,7 @@ class LayerGraph(nn.Module):
         self.sources, self.counts = hop_order(self.adj, self.cfg.graph_layers)
         n = len(self.layers)
         self.order.copy_(torch.tensor([s + [j for j in range(n) if j not in s] for s in self.sources]))
+        self.lap.copy_((self.eye - self.a_hat).gather(1, self.order))
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
