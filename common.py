@@ -6,7 +6,8 @@ from contextlib import nullcontext
 
 import torch
 
-from structlora import StructLoRAConfig
+from baselines import BASELINES
+from structlora import StructLoRA, StructLoRAConfig
 
 # --method -> (ib, graph, reg): the paper's four ablation rows and the appendix's two static baselines
 METHODS = {"lora": (False, False, "none"), "ib": (True, False, "none"), "graph": (False, True, "none"),
@@ -14,9 +15,10 @@ METHODS = {"lora": (False, False, "none"), "ib": (True, False, "none"), "graph":
            "lora+laplacian": (False, False, "laplacian")}
 
 
-def add_method_args(p, rank=8):
+def add_method_args(p, rank=8, baselines=False):
+    """baselines=True also offers baselines.py's methods (the head alone; peft's LoRA, DoRA, AdaLoRA)."""
     d = StructLoRAConfig()
-    p.add_argument("--method", default="structlora", choices=list(METHODS))
+    p.add_argument("--method", default="structlora", choices=list(METHODS) + (list(BASELINES) if baselines else []))
     p.add_argument("--rank", type=int, default=rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2·rank, the paper's α/r = 2)")
     p.add_argument("--target-modules", default="q_proj,v_proj")
@@ -44,6 +46,15 @@ def add_method_args(p, rank=8):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+
+
+def make_adapter(model, args, total_steps, modules_to_save=()):
+    """StructLoRA for the methods of METHODS; the head alone or a peft peer (baselines.py) otherwise."""
+    if args.method in BASELINES:
+        from baselines import Baseline
+        return Baseline(model, args.method, args.rank, args.alpha or 2.0 * args.rank,
+                        args.target_modules.split(","), modules_to_save, total_steps)
+    return StructLoRA(model, structlora_config(args, total_steps, modules_to_save))
 
 
 def structlora_config(args, total_steps, modules_to_save=()):

@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import add_method_args, autocast, optimizer, parameter_counts, print_adapter_summary, structlora_config
+from common import add_method_args, autocast, make_adapter, optimizer, parameter_counts, print_adapter_summary
 from data import few_shot, load_dataset, to_pixels
 from models.vit import load_vit
-from structlora import StructLoRA
 
 
 def parse_args(argv=None):
@@ -38,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (5e-3: best of 1e-3..1e-2 on held-out data)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=32)
-    add_method_args(p, rank=8)
+    add_method_args(p, rank=8, baselines=True)
     p.add_argument("--merged-eval-samples", type=int, default=0,
                    help="evaluate the merged model on the first N evaluation images only; 0 = all")
     p.add_argument("--mask", default="none", choices=["none", "norm", "random"],
@@ -103,7 +102,7 @@ def main(args):
     cfg = model.cfg
     steps_per_epoch = math.ceil(len(tx) / args.batch_size)
     total = steps_per_epoch * args.epochs
-    slora = StructLoRA(model, structlora_config(args, total, modules_to_save=("head",)))
+    slora = make_adapter(model, args, total, modules_to_save=("head",))
     opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
     keep = read_keep(args) if args.mask != "none" else None
     n_train, n_all = parameter_counts(slora)
@@ -127,7 +126,7 @@ def main(args):
             task = F.cross_entropy(logits.float(), labels)
             loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
             loss.backward()
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
+            opt.step(), sched.step(), slora.step(), opt.zero_grad(set_to_none=True)  # AdaLoRA's step reads .grad
             acc = (logits.argmax(-1) == labels).float().mean().item()
             bar.set_postfix(epoch=epoch, loss=f"{task.item():.3f}", acc=f"{acc:.2f}")
             bar.update()
