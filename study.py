@@ -1,10 +1,16 @@
-"""The small-scale reproduction study: rank sweep, low data, ablation, filter comparison (paper §5).
+"""The small-scale reproduction study: rank sweep, low data, ablation, filter comparison (paper §5), and
+study v2: what adapters add over the head, peers, more data, Table 6, a ground-truth task, figures.
 
     python study.py vit      # DINOv2-S on Fashion-MNIST: r {2,4,8} × 4 methods × seeds {0,1,2} × {10, 50} images/class
     python study.py filter   # r = 8, 50 images/class: IB gate vs top-k-norm vs random mask (same kept directions)
     python study.py investigate  # held-out: one knob at a time (gate init, β, η₀, edge rule) at r = 8, 10/class
     python study.py llama    # SmolLM2-135M on fine-foods: r {2,8} × {lora, structlora} × seeds {0,1,2}
-    python study.py report   # tables with paired t-tests → results/study/tables.md, plot → results/study/accuracy.png
+    python study.py lr       # v2, held-out: lr of the head alone and of peft's LoRA, DoRA, AdaLoRA (seed 0)
+    python study.py peers    # v2: head, lora, structlora, peft-lora, dora, adalora at r = 8, 50 and 10 images/class
+    python study.py table6   # v2: smooth/gcn × T = 1..3, chain/semantic edges, lora+cos, lora+laplacian (r = 8, 50/class)
+    python study.py fractions --percents 10 25 100  # v2: one epoch over 10/25/100% of the training set
+    python study.py groundtruth  # v2: planted ΔW* (smooth / independent / noisy) on a random 12-block network
+    python study.py report   # tables with paired t-tests → results/study/tables.md, tables_v2.md; figures → *.png
     python study.py all
 
 Every run goes through train_vit.py / train_llama.py with their defaults (chosen on held-out data),
@@ -19,11 +25,16 @@ import statistics
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import groundtruth
 import train_llama
 import train_vit
-from structlora import adjacent_cosine, deterministic_gate, factor_gram, read_adapter_config
+from baselines import BASELINES
+from structlora import (StructLoRA, StructLoRAConfig, adjacent_cosine, deterministic_gate, factor_gram,
+                        read_adapter_config)
 
 RANKS, METHODS, SEEDS = (2, 4, 8), ("lora", "ib", "graph", "structlora"), (0, 1, 2)
 # images per class → training flags; both settings take about the same number of steps (80 and 96)
@@ -47,15 +58,17 @@ VARIANTS = {
 RESULTS, RUNS = "results/study", "runs/study"
 
 
-def run(script, out, flags):
-    """One training run (or its saved metrics), reduced to what the tables need."""
+def run(script, out, flags, reduce=None):
+    """One training run (or its saved metrics), reduced to what the tables need (by `reduce`, default
+    summarize)."""
+    reduce = reduce or summarize
     path = os.path.join(out, "metrics.json")
     if os.path.isfile(path):
         with open(path) as f:
-            return summarize(json.load(f), None, out)
+            return reduce(json.load(f), None, out)
     t0 = time.time()
     m = script.main(script.parse_args(flags + [f"--out={out}"]))
-    return summarize(m, time.time() - t0, out)
+    return reduce(m, time.time() - t0, out)
 
 
 @torch.no_grad()
@@ -145,6 +158,200 @@ def llama(seeds=SEEDS):
                 flags = [f"--rank={rank}", f"--method={method}", f"--seed={seed}", "--generations=0"]
                 rows.append({"rank": rank, "method": method, "seed": seed, **run(train_llama, out, flags)})
                 save("llama", rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Study v2: what the adapters add over the head, peers, more data, Table 6, a ground-truth task
+
+V2 = "runs/study/v2"
+R8 = ["--rank=8"]
+# Held-out lr search (seed 0, 100 other training images per class), the grid of the first study's
+# LoRA search; the head alone trains a freshly initialized linear layer, so its grid sits higher.
+LR_GRID = {"head": ("5e-3", "2e-2", "5e-2"), "peft-lora": ("2e-3", "5e-3", "1e-2"),
+           "dora": ("2e-3", "5e-3", "1e-2"), "adalora": ("2e-3", "5e-3", "1e-2")}
+PEERS = ("peft-lora", "dora", "adalora")
+PEER_METHODS = ("head", "lora", "structlora") + PEERS
+# Table 6 and the appendix baselines at the setting where StructLoRA did best (r = 8, 50 images/class)
+TABLE6 = {
+    "lora": ["--method=lora"],
+    "smooth T=1, hybrid (structlora)": ["--method=structlora"],
+    "smooth T=2": ["--method=structlora", "--graph-layers=2"],
+    "smooth T=3": ["--method=structlora", "--graph-layers=3"],
+    "gcn T=1": ["--method=structlora", "--coordinator=gcn"],
+    "gcn T=2": ["--method=structlora", "--coordinator=gcn", "--graph-layers=2"],
+    "gcn T=3": ["--method=structlora", "--coordinator=gcn", "--graph-layers=3"],
+    "chain edges": ["--method=structlora", "--edges=chain"],
+    "semantic edges": ["--method=structlora", "--edges=semantic"],
+    "lora+cos": ["--method=lora+cos"],
+    "lora+laplacian": ["--method=lora+laplacian"],
+}
+PERCENTS = (10, 25, 100)   # % of the 60 000 Fashion-MNIST training images, one epoch each
+GT_N, GT_FLAGS = (256, 64), ["--steps=500", "--lr=2e-2", "--rank=4"]
+GT_METHODS = {"lora": ["--method=lora"], "ib": ["--method=ib"], "graph": ["--method=graph"],
+              "structlora": ["--method=structlora"], "structlora gcn": ["--method=structlora", "--coordinator=gcn"],
+              "lora+laplacian": ["--method=lora+laplacian"]}
+
+
+def slug(name):
+    return name.split(" (")[0].replace(" ", "_").replace(",", "").replace("=", "")
+
+
+def record(name, row, keys):
+    """Adds `row` to results/study/{name}.json, replacing the row with the same values at `keys`; rows of
+    other seeds or settings, from earlier calls, stay."""
+    save(name, [r for r in load_rows(name) if any(r[k] != row[k] for k in keys)] + [row])
+
+
+def load_rows(name):
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def held_out_means():
+    """{(method, lr): mean held-out accuracy over the seeds} of the lr search."""
+    runs = {}
+    for r in load_rows("v2_lr"):
+        runs.setdefault((r["method"], r["lr"]), []).append(r["accuracy"])
+    if not runs:
+        raise SystemExit("no held-out lr search: run `python study.py lr` first")
+    return {k: statistics.mean(v) for k, v in runs.items()}
+
+
+def best_lr(method):
+    """The held-out-best lr (python study.py lr); lora and structlora keep the first study's 5e-3."""
+    if method not in LR_GRID:
+        return "5e-3"
+    means = {lr: acc for (m, lr), acc in held_out_means().items() if m == method}
+    if not means:
+        raise SystemExit(f"no held-out lr search for {method}: run `python study.py lr` first")
+    return max(means, key=lambda lr: (means[lr], -float(lr)))
+
+
+def best_peer():
+    """The peer with the best held-out accuracy at its best lr (never chosen on the test split)."""
+    return max((acc, m) for (m, _), acc in held_out_means().items() if m in PEERS)[1]
+
+
+def lr_search(seeds=(0,)):
+    for method, grid in LR_GRID.items():
+        for lr in grid:
+            for seed in seeds:
+                out = f"{V2}/lr/{method}_lr{lr}_seed{seed}"
+                flags = SIZES[50] + R8 + ["--holdout-per-class=100", "--merged-eval-samples=256",
+                                          f"--method={method}", f"--lr={lr}", f"--seed={seed}"]
+                record("v2_lr", {"method": method, "lr": lr, "seed": seed, **run(train_vit, out, flags, summarize_v2)},
+                       ("method", "lr", "seed"))
+
+
+def vit_n50(flags, name, seed, size=50):
+    """One r = 8 run at `size` images/class; Table 6 and the peers share these run folders."""
+    out = f"{V2}/n{size}_r8_{slug(name)}_seed{seed}"
+    return run(train_vit, out, SIZES[size] + VIT_EVAL + R8 + flags + [f"--seed={seed}"], summarize_v2)
+
+
+def peers(seeds=SEEDS, sizes=(50, 10), methods=PEER_METHODS):
+    for size in sizes:
+        for method in methods:
+            for seed in seeds:
+                lr = best_lr(method)
+                m = vit_n50([f"--method={method}", f"--lr={lr}"], method, seed, size)
+                record("v2_peers", {"size": size, "method": method, "lr": lr, "seed": seed, **m}, ("size", "method", "seed"))
+
+
+def table6(seeds=SEEDS):
+    for name, flags in TABLE6.items():
+        for seed in seeds:
+            record("v2_table6", {"variant": name, "seed": seed, **vit_n50(flags, name, seed)}, ("variant", "seed"))
+
+
+def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
+    methods = methods or ("head", "lora", "structlora", best_peer())
+    for percent in percents:
+        for method in methods:
+            for seed in seeds:
+                out = f"{V2}/p{percent}_r8_{method}_seed{seed}"
+                flags = ["--shots-per-class=0", f"--train-fraction={percent / 100}", "--epochs=1", *VIT_EVAL, *R8,
+                         f"--method={method}", f"--lr={best_lr(method)}", f"--seed={seed}"]
+                record("v2_fractions", {"percent": percent, "method": method, "seed": seed,
+                                        **run(train_vit, out, flags, summarize_v2)}, ("percent", "method", "seed"))
+
+
+def ground_truth(seeds=SEEDS, sizes=GT_N):
+    for n in sizes:
+        for structure in groundtruth.STRUCTURES:
+            for name, flags in GT_METHODS.items():
+                for seed in seeds:
+                    out = f"{V2}/groundtruth/{structure}_n{n}_{slug(name)}_seed{seed}"
+                    m = run(groundtruth, out, GT_FLAGS + flags + [f"--structure={structure}", f"--n-train={n}",
+                                                                  f"--seed={seed}"], summarize_groundtruth)
+                    record("v2_groundtruth", {"structure": structure, "n_train": n, "method": name, "seed": seed, **m},
+                           ("structure", "n_train", "method", "seed"))
+
+
+def summarize_groundtruth(m, wall, out):
+    keys = ("test_loss", "relative_error", "subspace_angle", "train_seconds")
+    return {**{k: m[k] for k in keys}, "eval_seconds": 0.0, "wall_seconds": wall,
+            "open_directions": sum(m["open_directions"].values()),
+            "directions": m["args"]["rank"] * len(m["open_directions"])}
+
+
+def summarize_v2(m, wall, out):
+    """What the v2 tables need from a run of any method; for StructLoRA adapters also the layer × layer
+    cosines and the singular-value energy of the trained updates (figures)."""
+    graphs = list(m["graphs"].values())
+    mean = lambda key: statistics.mean(g[key] for g in graphs) if graphs and graphs[0][key] is not None else None
+    row = {"accuracy": m["accuracy"], "merged_agreement": m["merged_prediction_agreement"],
+           "train_seconds": m["train_seconds"], "eval_seconds": m["eval_seconds"], "wall_seconds": wall,
+           "steps": m["steps"], "n_train": m["n_train"], "trainable_params": m["trainable_params"],
+           "open_directions": sum(m["open_directions"].values()),
+           "directions": m["args"]["rank"] * len(m["open_directions"]), "eta": mean("eta"),
+           "edges": sum(len(g["edges"]) for g in graphs), "semantic_edges": sum(len(g["semantic_edges"]) for g in graphs),
+           "adjacent_cosine_before": mean("adjacent_cosine_before"), "adjacent_cosine_after": mean("adjacent_cosine_after")}
+    if m["args"]["method"] not in BASELINES:
+        row["updates"] = update_stats(out)
+    return row
+
+
+def stand_in(shapes):
+    """An nn.Module with a bias-free nn.Linear at every saved layer path ({path: [out, in]}): enough to
+    rebuild a saved adapter and compute its updates without the base model's weights."""
+    root = nn.Module()
+    for name, (n_out, n_in) in shapes.items():
+        parent, (*path, leaf) = root, name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, nn.Linear(n_in, n_out, bias=False))
+    return root
+
+
+@torch.no_grad()
+def trained_updates(run_dir):
+    """{graph key: [ΔW^f of each layer, depth order]} in float64 (eval gates, coordinator applied), rebuilt
+    from the run's saved adapter on a stand-in of the adapted layers."""
+    path = os.path.join(run_dir, "adapter")
+    tensors, meta = load_file(os.path.join(path, "adapter_model.safetensors")), read_adapter_config(path)
+    saved = tuple(f"{m}." for m in meta["config"]["modules_to_save"])
+    cfg = {**meta["config"], "modules_to_save": []}
+    slora = StructLoRA(stand_in(meta["layers"]), StructLoRAConfig(**cfg)).double().eval()
+    slora.load_adapter_state({k: v for k, v in tensors.items() if not k.startswith(saved)}, {**meta, "config": cfg})
+    return {key: [layer.delta_weight() for layer in layers] for key, (layers, _) in slora.groups.items()}
+
+
+def update_stats(run_dir, top=24):
+    """Per graph: the layer × layer cosine of vec(ΔW^f) (paper Fig. 4) and, averaged over layers, the
+    share of ‖ΔW^f‖² in its top-k singular values for k = 1..top (Fig. 6)."""
+    stats = {}
+    for key, deltas in trained_updates(run_dir).items():
+        z = F.normalize(torch.stack([d.flatten() for d in deltas]), dim=1)
+        energy = torch.stack([torch.linalg.svdvals(d)[:top] ** 2 / d.norm().clamp_min(1e-30) ** 2
+                              for d in deltas]).cumsum(1).mean(0)
+        stats[key] = {"cosine": (z @ z.T).tolist(), "energy": energy.tolist()}
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,13 +539,272 @@ def report():
     print("\n".join(parts))
 
 
+# ----------------------------------------------------------------------------------------------
+# Study v2 report: every table and figure from results/study/v2_*.json
+
+
+def versus(rows, base, **key):
+    """(cells, p): mean ± std of `key`'s runs, Δ against the `base` runs on the same seeds, the paired
+    t-test's p (None where it is not defined)."""
+    runs, ref = by_seed(rows, **key), by_seed(rows, **{**key, **base})
+    if not runs:
+        return ["–", "", ""], None
+    seeds = sorted(set(runs) & set(ref))
+    acc = [runs[s]["accuracy"] for s in sorted(runs)]
+    if all(key.get(k) == v for k, v in base.items()) or len(seeds) < 2:
+        return [pm(acc), "", ""], None
+    a, b = [runs[s]["accuracy"] for s in seeds], [ref[s]["accuracy"] for s in seeds]
+    p = paired_t(a, b)[1]
+    return [pm(acc), f"{100 * statistics.mean(x - y for x, y in zip(a, b)):+.2f}", f"{p:.3f}"], p
+
+
+def seeds_of(runs):
+    return ",".join(str(s) for s in sorted({r["seed"] for r in runs}))
+
+
+def lr_table(rows):
+    lines = [[m, lr, f"{100 * statistics.mean(r['accuracy'] for r in rows if (r['method'], r['lr']) == (m, lr)):.2f}",
+              seeds_of([r for r in rows if (r["method"], r["lr"]) == (m, lr)])]
+             for m, grid in LR_GRID.items() for lr in grid if any((r["method"], r["lr"]) == (m, lr) for r in rows)]
+    return ("### Held-out lr search for the head and the peers (r = 8, 50 images/class, 1000 held-out training "
+            "images)\n\n" + table(["method", "lr", "held-out accuracy %", "seeds"], lines)), []
+
+
+def peers_table(rows):
+    out, tests = [], []
+    for size in sorted({r["size"] for r in rows}, reverse=True):
+        lines = []
+        for m in PEER_METHODS:
+            picked = [r for r in rows if (r["size"], r["method"]) == (size, m)]
+            if not picked:
+                continue
+            cells, p = versus(rows, {"method": "lora"}, size=size, method=m)
+            head, _ = versus(rows, {"method": "head"}, size=size, method=m)
+            tests += [(f"{m}, {size} images/class", p)] if p is not None else []
+            lines.append([m, picked[0]["lr"], *cells, head[1], f"{picked[0]['trainable_params']:,}",
+                          f"{statistics.mean(r['open_directions'] for r in picked):.1f} / {picked[0]['directions']}",
+                          seeds_of(picked)])
+        out.append(f"### Peers and the head alone: r = 8, {size} images/class (test accuracy %, 3000 test images)\n\n" +
+                   table(["method", "lr", "accuracy", "Δ vs LoRA", "p vs LoRA", "Δ vs head", "trainable",
+                          "kept rank", "seeds"], lines))
+    return "\n".join(out), tests
+
+
+def table6_table(rows):
+    lines, tests = [], []
+    for name in TABLE6:
+        runs = list(by_seed(rows, variant=name).values())
+        if not runs:
+            continue
+        cells, p = versus(rows, {"variant": "lora"}, variant=name)
+        tests += [(name, p)] if p is not None else []
+        fmt = lambda k, f: "–" if runs[0][k] is None else format(statistics.mean(r[k] for r in runs), f)
+        lines.append([name, *cells, fmt("eta", ".3f"), fmt("edges", ".1f"), fmt("semantic_edges", ".1f"),
+                      f"{fmt('adjacent_cosine_before', '.3f')} → {fmt('adjacent_cosine_after', '.3f')}", seeds_of(runs)])
+    return ("### Table 6 and the appendix baselines: r = 8, 50 images/class (test accuracy %, 3000 test images)\n\n" +
+            table(["variant", "accuracy", "Δ vs LoRA", "p vs LoRA", "η", "edges (q+v)", "semantic edges",
+                   "adjacent cosine ΔW̃ → ΔW^f", "seeds"], lines)), tests
+
+
+def fractions_table(rows):
+    lines, tests = [], []
+    for percent in PERCENTS:
+        for m in ("head", "lora", "structlora") + PEERS:
+            runs = [r for r in rows if (r["percent"], r["method"]) == (percent, m)]
+            if not runs:
+                continue
+            cells, p = versus(rows, {"method": "lora"}, percent=percent, method=m)
+            head, _ = versus(rows, {"method": "head"}, percent=percent, method=m)
+            tests += [(f"{m}, {percent}%", p)] if p is not None else []
+            lines.append([f"{percent}% ({runs[0]['n_train']:,})", runs[0]["steps"], m, *cells, head[1],
+                          f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}", seeds_of(runs)])
+    return ("### Table 4 at a real scale: r = 8, one epoch over a share of the 60 000 training images (test "
+            "accuracy %, 3000 test images)\n\n" +
+            table(["training images", "steps", "method", "accuracy", "Δ vs LoRA", "p vs LoRA", "Δ vs head",
+                   "train min / run", "seeds"], lines)), tests
+
+
+def gt_cell(runs, key, digits):
+    values = [r[key] for r in runs]
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def groundtruth_table(rows):
+    lines, tests = [], []
+    for n in GT_N:
+        for structure in groundtruth.STRUCTURES:
+            lora = by_seed(rows, n_train=n, structure=structure, method="lora")
+            for name in GT_METHODS:
+                runs = by_seed(rows, n_train=n, structure=structure, method=name)
+                if not runs:
+                    continue
+                seeds = sorted(set(runs) & set(lora))
+                p = None
+                if name != "lora" and len(seeds) > 1:
+                    p = paired_t([runs[s]["relative_error"] for s in seeds], [lora[s]["relative_error"] for s in seeds])[1]
+                    tests.append((f"ground truth {structure}, n = {n}, {name}", p))
+                r = list(runs.values())
+                lines.append([n, structure, name, gt_cell(r, "test_loss", 3), gt_cell(r, "relative_error", 3),
+                              "" if p is None else f"{p:.3f}", gt_cell(r, "subspace_angle", 1),
+                              f"{statistics.mean(x['open_directions'] for x in r):.1f} / {r[0]['directions']}",
+                              seeds_of(r)])
+    return ("### Ground truth: a planted ΔW* on a frozen random 12-block network (d = 32, r = 4, planted rank 2)\n\n" +
+            table(["samples", "structure", "method", "test loss (frozen = 1)", "‖ΔW − ΔW*‖/‖ΔW*‖",
+                   "p vs LoRA (rel. error)", "subspace angle °", "kept rank", "seeds"], lines)), tests
+
+
+def holm(tests, alpha=0.05):
+    """Holm–Bonferroni over all v2 comparisons: the ones that stay significant at family-wise `alpha`."""
+    kept = []
+    for i, (name, p) in enumerate(sorted(tests, key=lambda t: t[1])):
+        if p > alpha / (len(tests) - i):
+            break
+        kept.append(f"{name} (p = {p:.4f})")
+    raw = sum(p < alpha for _, p in tests)
+    return (f"Multiple comparisons: {len(tests)} paired t-tests in the v2 tables, {raw} with p < {alpha}; "
+            f"after Holm–Bonferroni at family-wise {alpha}: {', '.join(kept) if kept else 'none'}.\n")
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_cosine(rows, path, seed=0):
+    """Paper Fig. 4: layer × layer cosine of vec(ΔW^f), LoRA vs StructLoRA, same seed, one panel per graph."""
+    picked = {m: by_seed(rows, size=50, method=m).get(seed) for m in ("lora", "structlora")}
+    if not all(r and "updates" in r for r in picked.values()):
+        return False
+    plt, keys = pyplot(), list(picked["lora"]["updates"])
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.4 * len(keys), 7.6), squeeze=False)
+    for i, (m, r) in enumerate(picked.items()):
+        for j, key in enumerate(keys):
+            c = torch.tensor(r["updates"][key]["cosine"])
+            im = axes[i][j].imshow(c, vmin=-1, vmax=1, cmap="coolwarm")
+            axes[i][j].set(title=f"{m}, {key}: adjacent cos {torch.diagonal(c, 1).mean():.2f}", xlabel="layer",
+                           ylabel="layer")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+    fig.suptitle(f"cosine of the trained updates between layers (r = 8, 50 images/class, seed {seed})")
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_energy(rows, path, variants=("lora", "smooth T=1, hybrid (structlora)", "gcn T=1", "lora+laplacian")):
+    """Paper Fig. 6: share of ‖ΔW‖² in the top-k singular values, mean over layers, graphs and seeds."""
+    curves = {}
+    for name in variants:
+        runs = [r for r in rows if r["variant"] == name and "updates" in r]
+        per = [torch.tensor(g["energy"]) for r in runs for g in r["updates"].values()]
+        if per:
+            curves[name] = (torch.stack([p[:min(map(len, per))] for p in per]).mean(0), len(runs))
+    if not curves:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (curve, n) in curves.items():
+        ax.plot(range(1, len(curve) + 1), 100 * curve, marker=".", label=f"{name} ({n} seeds)")
+    ax.axvline(8, color="gray", ls=":")
+    ax.set(xlabel="k (top singular values)", ylabel="% of ‖ΔW‖² covered", title="energy of the trained updates, r = 8")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_fractions(frac_rows, peer_rows, path):
+    """Accuracy vs share of the training set; 50 images/class (0.83%, six epochs) from the peers part."""
+    points = [(100 * 500 / 60000, r) for r in peer_rows if r["size"] == 50] + [(r["percent"], r) for r in frac_rows]
+    if not frac_rows:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in PEER_METHODS:
+        xs = sorted({x for x, r in points if r["method"] == m})
+        ys = [mean_sd([100 * r["accuracy"] for x2, r in points if r["method"] == m and x2 == x]) for x in xs]
+        if xs:
+            ax.errorbar(xs, [y for y, _ in ys], [sd for _, sd in ys], marker="o", capsize=3, label=m)
+    ax.set(xscale="log", xlabel="% of the 60 000 training images", ylabel="test accuracy %",
+           title="DINOv2-S on Fashion-MNIST, r = 8 (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def plot_groundtruth(rows, path):
+    if not rows:
+        return False
+    plt = pyplot()
+    ns = [n for n in GT_N if any(r["n_train"] == n for r in rows)]
+    fig, axes = plt.subplots(1, len(ns), figsize=(6 * len(ns), 3.8), squeeze=False)
+    width = 0.8 / len(GT_METHODS)
+    for ax, n in zip(axes[0], ns):
+        for k, name in enumerate(GT_METHODS):
+            cells = [(i, [r["relative_error"] for r in rows if (r["n_train"], r["structure"], r["method"]) == (n, s, name)])
+                     for i, s in enumerate(groundtruth.STRUCTURES)]
+            cells = [(i, v) for i, v in cells if v]
+            if cells:
+                ys = [mean_sd(v) for _, v in cells]
+                ax.bar([i + k * width for i, _ in cells], [y for y, _ in ys], width, yerr=[s for _, s in ys], label=name)
+        ax.set(xticks=[i + 0.4 - width / 2 for i in range(3)], xticklabels=groundtruth.STRUCTURES,
+               ylabel="‖ΔW − ΔW*‖ / ‖ΔW*‖", title=f"{n} training samples")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def report_v2():
+    """The v2 tables (results/study/tables_v2.md) and figures, from whatever v2 runs are saved."""
+    parts, tests, seconds = [], [], 0.0
+    for name, make in (("v2_lr", lr_table), ("v2_peers", peers_table), ("v2_table6", table6_table),
+                       ("v2_fractions", fractions_table), ("v2_groundtruth", groundtruth_table)):
+        rows = load_rows(name)
+        if not rows:
+            print(f"skipping {name}: no runs saved yet")
+            continue
+        md, found = make(rows)
+        parts.append(md)
+        tests += found
+        seconds += sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
+    if tests:
+        parts.append(holm(tests))
+    parts.append(f"v2 training + evaluation time summed over all saved v2 runs: {seconds / 60:.0f} min.\n")
+    try:
+        made = [plot_cosine(load_rows("v2_peers"), os.path.join(RESULTS, "cosine_heatmaps.png")),
+                plot_energy(load_rows("v2_table6"), os.path.join(RESULTS, "energy_coverage.png")),
+                plot_fractions(load_rows("v2_fractions"), load_rows("v2_peers"), os.path.join(RESULTS, "fractions.png")),
+                plot_groundtruth(load_rows("v2_groundtruth"), os.path.join(RESULTS, "groundtruth.png"))]
+        print(f"{sum(made)} of 4 v2 figures written")
+    except ImportError:
+        print("no plots: matplotlib is not installed (pip install -r requirements-study.txt)")
+    with open(os.path.join(RESULTS, "tables_v2.md"), "w") as f:
+        f.write("\n".join(parts))
+    print("\n".join(parts))
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "report", "all"])
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds of the training runs")
+    p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fractions",
+                                    "groundtruth", "report", "all"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the training runs (default 0 1 2; lr: 0)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[50, 10], help="peers: images per class")
+    p.add_argument("--percents", type=int, nargs="+", default=list(PERCENTS), help="fractions: %% of the training set")
+    p.add_argument("--methods", nargs="+", default=None, help="peers, fractions: only these methods")
+    p.add_argument("--samples", type=int, nargs="+", default=list(GT_N), help="groundtruth: training samples")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 when two studies run side by side)")
     args = p.parse_args()
-    part, seeds = args.part, tuple(args.seeds)
-    steps = {"vit": [vit_grid], "filter": [vit_filter], "investigate": [investigate], "llama": [llama],
-             "report": [report], "all": [vit_grid, vit_filter, investigate, llama, report]}[part]
-    for step in steps:
-        step() if step is report else step(seeds)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seeds = tuple(args.seeds or ((0,) if args.part == "lr" else SEEDS))
+    parts = {"vit": lambda: vit_grid(seeds), "filter": lambda: vit_filter(seeds), "investigate": lambda: investigate(seeds),
+             "llama": lambda: llama(seeds), "lr": lambda: lr_search(seeds),
+             "peers": lambda: peers(seeds, args.sizes, args.methods or PEER_METHODS),
+             "table6": lambda: table6(seeds), "fractions": lambda: fractions(seeds, args.percents, args.methods),
+             "groundtruth": lambda: ground_truth(seeds, args.samples), "report": lambda: (report(), report_v2())}
+    for part in (["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fractions", "groundtruth",
+                  "report"] if args.part == "all" else [args.part]):
+        parts[part]()

@@ -73,3 +73,100 @@ def test_plain_adjacent_cosine_equals_dense_updates(tmp_path, ib):
         per_target.setdefault(name.rpartition(".")[2], []).append(dw.ravel())
     cos = [np.mean([a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(v, v[1:])]) for v in per_target.values()]
     assert abs(study.plain_adjacent_cosine(tmp_path) - np.mean(cos)) < 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# study v2
+
+
+def test_update_stats_equal_dense_smoothing(tmp_path):
+    """Cosines and singular-value energy of ΔW^f = C·ΔW̃ (C = (1−η)I + η·D⁻¹(A+I), chain edges), rebuilt
+    from the saved adapter, against float64 numpy."""
+    torch.manual_seed(0)
+    slora = StructLoRA(ToyModel(n_layers=5), StructLoRAConfig(r=3, alpha=6, edges="chain"))
+    randomize_adapters(slora)
+    slora.save_adapter(tmp_path / "adapter")
+    stats = study.update_stats(tmp_path, top=4)
+    for key, graph in slora.graphs.items():
+        layers, eta = graph.layers, float(graph.coordinator.eta().detach())
+        tilde = []
+        for l in layers:
+            q = 1 / (1 + np.exp(-l.gate_logits.detach().double().numpy()))
+            tilde.append(l.scaling * l.lora_B.detach().double().numpy() @ np.diag(q * (q >= 0.5)) @ l.lora_A.detach().double().numpy())
+        n = len(tilde)
+        adj = np.eye(n, k=1) + np.eye(n, k=-1) + np.eye(n)
+        C = (1 - eta) * np.eye(n) + eta * adj / adj.sum(1, keepdims=True)
+        dense = [sum(C[i, j] * tilde[j] for j in range(n)) for i in range(n)]
+        z = np.stack([d.ravel() / np.linalg.norm(d) for d in dense])
+        np.testing.assert_allclose(stats[key]["cosine"], z @ z.T, atol=1e-6)
+        energy = np.mean([np.cumsum(np.linalg.svd(d, compute_uv=False)[:4] ** 2) / np.sum(d ** 2) for d in dense], 0)
+        np.testing.assert_allclose(stats[key]["energy"], energy, atol=1e-6)
+
+
+def synthetic_v2(rng):
+    diag = dict(train_seconds=1.0, eval_seconds=1.0, wall_seconds=2.0, steps=96, n_train=500, trainable_params=1000,
+                open_directions=192, directions=192, eta=0.3, edges=22, semantic_edges=0,
+                adjacent_cosine_before=0.01, adjacent_cosine_after=0.2, merged_agreement=1.0)
+    updates = {k: {"cosine": np.eye(12).tolist(), "energy": np.linspace(0.3, 1, 24).tolist()} for k in ("q_proj", "v_proj")}
+    acc = lambda: rng.uniform(0.7, 0.8)
+    lr = [{"method": m, "lr": lr, "seed": 0, "accuracy": acc(), **diag} for m, g in study.LR_GRID.items() for lr in g]
+    peers = [{"size": s, "method": m, "lr": "5e-3", "seed": seed, "accuracy": acc(), **diag, "updates": updates}
+             for s in (50, 10) for m in study.PEER_METHODS for seed in study.SEEDS]
+    t6 = [{"variant": v, "seed": seed, "accuracy": acc(), **diag, "updates": updates}
+          for v in study.TABLE6 for seed in study.SEEDS]
+    frac = [{"percent": p, "method": m, "seed": seed, "accuracy": acc(), **diag}
+            for p in study.PERCENTS for m in ("head", "lora", "structlora", "dora") for seed in study.SEEDS[:2 if p == 100 else 3]]
+    gt = [{"structure": s, "n_train": n, "method": m, "seed": seed, "test_loss": rng.random(), "relative_error": rng.random(),
+           "subspace_angle": 90 * rng.random(), "train_seconds": 1.0, "eval_seconds": 0.0, "open_directions": 90, "directions": 96}
+          for n in study.GT_N for s in ("smooth", "independent", "noisy") for m in study.GT_METHODS for seed in study.SEEDS]
+    return {"v2_lr": lr, "v2_peers": peers, "v2_table6": t6, "v2_fractions": frac, "v2_groundtruth": gt}
+
+
+def test_report_v2_on_synthetic_runs(tmp_path, monkeypatch):
+    stats = pytest.importorskip("scipy.stats")
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    data = synthetic_v2(random.Random(1))
+    for name, rows in data.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(rows))
+    study.report_v2()
+    text = (tmp_path / "tables_v2.md").read_text()
+    pick = lambda rows, **k: [r for r in rows if all(r[a] == b for a, b in k.items())]
+    dora = [r["accuracy"] for r in pick(data["v2_peers"], size=50, method="dora")]
+    lora = [r["accuracy"] for r in pick(data["v2_peers"], size=50, method="lora")]
+    head = [r["accuracy"] for r in pick(data["v2_peers"], size=50, method="head")]
+    p = stats.ttest_rel(dora, lora).pvalue
+    sd = np.std(100 * np.array(dora), ddof=1)
+    assert (f"| dora | 5e-3 | {100 * np.mean(dora):.2f} ± {sd:.2f} | {100 * (np.mean(dora) - np.mean(lora)):+.2f} | "
+            f"{p:.3f} | {100 * (np.mean(dora) - np.mean(head)):+.2f} |") in text
+    g = pick(data["v2_groundtruth"], structure="noisy", n_train=64, method="structlora")
+    gl = pick(data["v2_groundtruth"], structure="noisy", n_train=64, method="lora")
+    p = stats.ttest_rel([r["relative_error"] for r in g], [r["relative_error"] for r in gl]).pvalue
+    assert f"| 64 | noisy | structlora | " in text and f"| {p:.3f} |" in text
+    assert "| 100% (500) | 96 | lora |" in text and "| 0,1 |" in text  # 100% ran two seeds only
+    n_tests = 2 * 5 + 10 + 3 * 3 + 2 * 3 * 5  # peers (2 sizes × 5), table6 (10), fractions (3 × 3), ground truth
+    assert f"Multiple comparisons: {n_tests} paired t-tests" in text
+    for name in ("gcn T=3", "semantic edges", "lora+laplacian"):
+        assert f"| {name} |" in text
+    if importlib.util.find_spec("matplotlib"):
+        for png in ("cosine_heatmaps", "energy_coverage", "fractions", "groundtruth"):
+            assert (tmp_path / f"{png}.png").stat().st_size > 10_000
+
+
+def test_holm_against_hand_computation():
+    tests = [("a", 0.001), ("b", 0.03), ("c", 0.012), ("d", 0.3)]
+    # sorted: 0.001 ≤ 0.05/4, 0.012 ≤ 0.05/3, then 0.03 > 0.05/2 stops
+    assert "after Holm–Bonferroni at family-wise 0.05: a (p = 0.0010), c (p = 0.0120)." in study.holm(tests)
+    assert "3 with p < 0.05" in study.holm(tests)
+
+
+def test_best_lr_and_peer_from_held_out_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    rows = [{"method": "dora", "lr": "2e-3", "seed": 0, "accuracy": 0.80}, {"method": "dora", "lr": "2e-3", "seed": 1, "accuracy": 0.70},
+            {"method": "dora", "lr": "5e-3", "seed": 0, "accuracy": 0.76}, {"method": "dora", "lr": "5e-3", "seed": 1, "accuracy": 0.76},
+            {"method": "adalora", "lr": "1e-2", "seed": 0, "accuracy": 0.77}, {"method": "adalora", "lr": "1e-2", "seed": 1, "accuracy": 0.77}]
+    (tmp_path / "v2_lr.json").write_text(json.dumps(rows))
+    assert study.best_lr("dora") == "5e-3"          # mean over seeds: 0.75 vs 0.76
+    assert study.best_lr("lora") == "5e-3"          # the first study's held-out choice
+    assert study.best_peer() == "adalora"
+    with pytest.raises(SystemExit, match="peft-lora"):
+        study.best_lr("peft-lora")
