@@ -1,7 +1,7 @@
 """StructLoRA: structured, task-aware low-rank adaptation, in one file of plain PyTorch.
 
 Paper: "Not All Directions Matter: Toward Structured and Task-Aware Low-Rank Adaptation"
-(arXiv 2603.14228). Read beside ../shared/paper.md (section numbers below refer to it).
+(arXiv 2603.14228). Read beside docs/paper.md (section numbers below refer to it).
 
     §1  LoRA            ΔW   = (α/r)·B·A                                   LoRALinear
     §2  IB gate         ΔW̃   = (α/r)·B·diag(m)·A,  m ~ Concrete(φ, τ)      LoRALinear.gate, bernoulli_kl
@@ -534,9 +534,12 @@ class StructLoRA(nn.Module):
         return slora
 
     @torch.no_grad()
-    def export_peft(self, path):
-        """Writes ΔW^f as a plain PEFT LoRA adapter: rank r·(deg+1) per layer, pruned directions dropped."""
+    def export_peft(self, path, rename=None, base_model_name_or_path=None):
+        """Writes ΔW^f as a plain PEFT LoRA adapter: rank r·(deg+1) per layer, pruned directions dropped.
+        `rename` maps our module paths (adapted layers, modules_to_save) to those of the model PEFT will
+        load it on, e.g. the Hugging Face class of the same checkpoint."""
         from safetensors.torch import save_file
+        rename = rename or (lambda name: name)
         self._clear_caches()
         self.eval()
         tensors, ranks = {}, {}
@@ -545,12 +548,12 @@ class StructLoRA(nn.Module):
             keep = d != 0
             if not keep.any():
                 keep[0] = True  # PEFT needs rank ≥ 1; this direction's d is 0
-            tensors[f"base_model.model.{name}.lora_A.weight"] = (d[keep, None] * A[keep]).contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B[:, keep].contiguous().cpu()
-            ranks[name] = int(keep.sum())
+            tensors[f"base_model.model.{rename(name)}.lora_A.weight"] = (d[keep, None] * A[keep]).contiguous().cpu()
+            tensors[f"base_model.model.{rename(name)}.lora_B.weight"] = B[:, keep].contiguous().cpu()
+            ranks[rename(name)] = int(keep.sum())
         for mod in self.cfg.modules_to_save:
             for k, v in _get_module(self.model, mod).state_dict().items():
-                tensors[f"base_model.model.{mod}.{k}"] = v.contiguous().cpu()
+                tensors[f"base_model.model.{rename(mod)}.{k}"] = v.contiguous().cpu()
         os.makedirs(path, exist_ok=True)
         save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
         r0 = next(iter(ranks.values()))
@@ -558,7 +561,8 @@ class StructLoRA(nn.Module):
                   "rank_pattern": {f"^{n}$": k for n, k in ranks.items()},
                   "alpha_pattern": {f"^{n}$": k for n, k in ranks.items()},  # scaling α/r = 1: d is inside A
                   "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-                  "modules_to_save": list(self.cfg.modules_to_save) or None}
+                  "modules_to_save": [rename(m) for m in self.cfg.modules_to_save] or None,
+                  "base_model_name_or_path": base_model_name_or_path}
         with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=1)
 
