@@ -106,7 +106,8 @@ for _hf, _ours in [("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "at
 
 
 def hf_state_dict(model):
-    """model.state_dict() under CLIPVisionModel's names: the table backwards, the position grid as an embedding table."""
+    """model.state_dict() under CLIPVisionModel's names: the table backwards; the position grid is an
+    nn.Embedding table there."""
     out = {"vision_model." + hf_name(k, HF_TO_OURS): v for k, v in model.state_dict().items()}
     out["vision_model.embeddings.position_embedding.weight"] = model.pos_embed[0]
     return out

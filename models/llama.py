@@ -267,7 +267,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def hf_state_dict(model):
     """model.state_dict() under transformers' names; a tied lm_head is left to tie_word_embeddings."""
-    return {hf_key(k): v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
+    tied = model.cfg.tie_embeddings
+    return {hf_key(k): v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
 
 
 def save_pretrained(model, folder, source):

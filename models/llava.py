@@ -11,7 +11,6 @@ from models import llama as llama_mod
 from models import vit
 from models.clip import HF_TO_OURS as CLIP_TO_OURS, CLIPVision, CLIPVisionConfig, clip_state
 from models.hub import load_into, load_safetensors, read_config, resolve, save_folder
-from models.vit import ViT
 
 OUR_LAYOUT = "structlora_llava"  # a tower transformers' LlavaForConditionalGeneration does not have (DINOv2)
 
@@ -36,7 +35,7 @@ class Llava(nn.Module):
 
     def image_features(self, pixel_values):
         """[B, patches, text dim]: CLIP's layer `vision_layer`, or a ViT/DINOv2's last normed layer."""
-        if isinstance(self.vision_tower, ViT):
+        if isinstance(self.vision_tower, vit.ViT):
             feats = self.vision_tower.features(pixel_values)[:, 1:]
         else:
             feats = self.vision_tower(pixel_values, self.vision_layer)
@@ -87,7 +86,7 @@ def canonical(state):
 def save_pretrained(model, folder, source):
     """A LlavaForConditionalGeneration folder with the tokenizer and processor files of `source`. A
     DINOv2 tower has no transformers LLaVA class: then our layout, the parts as transformers folders."""
-    if isinstance(model.vision_tower, ViT):
+    if isinstance(model.vision_tower, vit.ViT):
         return save_our_layout(model, folder, source)
     vcfg, lcfg = model.vision_tower.cfg, model.language_model.cfg
     config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
@@ -95,8 +94,8 @@ def save_pretrained(model, folder, source):
               "image_token_index": model.image_token_id, "image_seq_length": (vcfg.image_size // vcfg.patch_size) ** 2,
               "projector_hidden_act": "gelu", "vision_feature_layer": model.vision_layer,
               "vision_feature_select_strategy": "default", "tie_word_embeddings": lcfg.tie_embeddings}
-    save_folder(folder, config, hf_state_dict(model), copy_from=resolve(source),
-                files=llama_mod.TOKENIZER_FILES + ("preprocessor_config.json", "processor_config.json"))
+    processor = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
+    save_folder(folder, config, hf_state_dict(model), copy_from=resolve(source), files=llama_mod.TOKENIZER_FILES + processor)
 
 
 def save_our_layout(model, folder, source):

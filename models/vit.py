@@ -54,8 +54,8 @@ class ViTConfig:
         dinov2 = self.layerscale
         if (self.pool == "cls+mean") != dinov2:
             raise ValueError(f"no transformers class has layerscale={dinov2} with pool={self.pool!r}")
-        hf = {"model_type": "dinov2" if dinov2 else "vit",
-              "architectures": [("Dinov2" if dinov2 else "ViT") + ("ForImageClassification" if self.num_classes else "Model")],
+        head = "ForImageClassification" if self.num_classes else "Model"
+        hf = {"model_type": "dinov2" if dinov2 else "vit", "architectures": [("Dinov2" if dinov2 else "ViT") + head],
               "hidden_size": self.dim, "num_hidden_layers": self.depth, "num_attention_heads": self.heads,
               "image_size": self.image_size, "patch_size": self.patch_size, "num_channels": self.channels,
               "layer_norm_eps": self.eps, "qkv_bias": self.qkv_bias, "hidden_act": "gelu"}
