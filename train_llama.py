@@ -172,7 +172,7 @@ def main(args):
             pairs = [encode(tok, ex, args) for ex in order[i:i + args.batch_size]]
             logp = answer_logprobs(lm_forward(slora), pairs, tok.eos_id, args)
             task = -logp.sum() / sum(len(a) for _, a in pairs)  # cross-entropy on answer tokens only
-            loss = task + slora.ib_loss()  # §4: L = L_task + β·KL
+            loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
             loss.backward()
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
             bar.set_postfix(epoch=epoch, loss=f"{task.item():.3f}")

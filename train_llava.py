@@ -188,7 +188,7 @@ def train_stage(model, slora, params, train, tok, image_id, args, desc):
             pairs = [encode(tok, ex, n_img, image_id) for ex in batch]
             forward = lambda ids, attn, at: model(ids, pixels, attention_mask=attn, logits_at=at)
             task = -answer_logprobs(forward, pairs, tok.eos_id, args).sum() / sum(len(a) for _, a in pairs)
-            loss = task + (slora.ib_loss() if slora else 0.0)  # §4: L = L_task + β·KL
+            loss = task + (slora.aux_loss() if slora else 0.0)  # §4: L = L_task + β·KL (+ static reg)
             loss.backward()
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
             if slora:

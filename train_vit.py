@@ -126,7 +126,7 @@ def main(args):
             with autocast(args):
                 logits = slora(pixels)
             task = F.cross_entropy(logits.float(), labels)
-            loss = task + slora.ib_loss()  # §4: L = L_task + β·KL
+            loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
             loss.backward()
             opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
             acc = (logits.argmax(-1) == labels).float().mean().item()
