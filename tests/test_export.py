@@ -16,7 +16,7 @@ from models.llava import Llava, load_llava
 from models.vit import load_vit
 from structlora import StructLoRA
 from test_llama import boolq_args, tiny_llama, tiny_tokenizer
-from test_llava import tiny_llava, write_conversations
+from test_llava import tiny_llava, tiny_vlm_parts, write_conversations
 from test_train_vit import tiny  # noqa: F401  (the tiny DINOv2 + image folder fixture)
 
 from toy import rel_err
@@ -125,15 +125,9 @@ def test_train_llava_exports_llava_folder_and_peft_adapter(tmp_path):
 
 def test_train_llava_with_dinov2_tower_exports_hf_parts(tmp_path):
     pytest.importorskip("easy_vqa")
-    tiny_llama(tmp_path / "llm", tied=True)
-    tiny_tokenizer(tmp_path / "llm")
-    cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
-                                    image_size=28, patch_size=14)
-    transformers.Dinov2Model(cfg).save_pretrained(tmp_path / "vision")
     run = tmp_path / "run"
-    train_llava.main(train_llava.parse_args(["--vision", str(tmp_path / "vision"), "--llm", str(tmp_path / "llm"),
-                                             "--image-size", "28", "--train-samples", "8", "--eval-samples", "4",
-                                             "--batch-size", "4", "--rank", "2", "--out", str(run), *EXPORT]))
+    train_llava.main(train_llava.parse_args([*tiny_vlm_parts(tmp_path), "--train-samples", "8", "--eval-samples",
+                                             "4", "--batch-size", "4", "--rank", "2", "--out", str(run), *EXPORT]))
     merged = run / "merged"
     image_id = json.loads((merged / "config.json").read_text())["image_token_index"]
     ours = Llava(load_vit(str(tmp_path / "vision"), image_size=28, num_classes=0), load_llama(str(tmp_path / "llm")),
