@@ -217,3 +217,16 @@ def test_readme_snippet_trains_gates_and_coordinator_and_merges(tmp_path, monkey
     control = scope["opt"].param_groups[1]  # φ of 10 layers and ψ of 2 graphs at the control lr, no decay
     assert (control["lr"], control["weight_decay"], len(control["params"])) == (5e-2, 0.0, 12)
     assert sorted(p.numel() for p in control["params"]) == [1, 1] + [8] * 10
+
+
+@pytest.mark.parametrize("coordinator,T", [("smooth", 1), ("smooth", 3), ("gcn", 2)])
+def test_no_grad_eval_call_equals_layer_by_layer_and_keeps_nothing(coordinator, T):
+    slora = make(coordinator=coordinator, graph_layers=T).eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    by_layer = slora(x)  # grad enabled: every layer computes its own factors
+    with torch.no_grad():
+        once = slora(x)  # the whole graph's factors once for this call
+        with pytest.raises(RuntimeError):
+            slora(torch.randn(2, 5, 7, dtype=torch.float64))  # a failing call clears them too
+    assert rel_err(once, by_layer) < 1e-12
+    assert all(l.precomputed is None for l in slora.lora_layers.values())
