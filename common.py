@@ -1,5 +1,5 @@
-"""What train_vit.py and train_llama.py share: the --method switch, StructLoRA's options, the LR
-schedule and autocast."""
+"""What the training scripts share: the --method switch, StructLoRA's options, the export flags,
+the LR schedule and autocast."""
 import argparse
 import math
 from contextlib import nullcontext
@@ -51,10 +51,20 @@ def add_method_args(p, rank=8, baselines=False):
 def make_adapter(model, args, total_steps, modules_to_save=()):
     """StructLoRA for the methods of METHODS; the head alone or a peft peer (baselines.py) otherwise."""
     if args.method in BASELINES:
+        if getattr(args, "export_peft", False):
+            raise SystemExit(f"--export-peft writes StructLoRA's ΔW^f; --method {args.method} has none "
+                             "(the peft peers save a peft adapter anyway)")
         from baselines import Baseline
         return Baseline(model, args.method, args.rank, args.alpha or 2.0 * args.rank,
                         args.target_modules.split(","), modules_to_save, total_steps)
     return StructLoRA(model, structlora_config(args, total_steps, modules_to_save))
+
+
+def add_export_args(p):
+    p.add_argument("--save-merged", action="store_true",
+                   help="write OUT/merged/: the merged model as a Hugging Face folder (transformers, llama.cpp)")
+    p.add_argument("--export-peft", action="store_true",
+                   help="write OUT/peft_adapter/: ΔW^f as a PEFT LoRA adapter on the Hugging Face base model")
 
 
 def structlora_config(args, total_steps, modules_to_save=()):

@@ -716,9 +716,12 @@ class StructLoRA(nn.Module):
         return slora
 
     @torch.no_grad()
-    def export_peft(self, path):
-        """Writes ΔW^f as a plain PEFT LoRA adapter: rank K·r per layer, pruned directions dropped."""
+    def export_peft(self, path, rename=None, base_model_name_or_path=None):
+        """Writes ΔW^f as a plain PEFT LoRA adapter: rank K·r per layer, pruned directions dropped.
+        `rename` maps our module paths (adapted layers, modules_to_save) to those of the model PEFT will
+        load it on, e.g. the Hugging Face class of the same checkpoint."""
         from safetensors.torch import save_file
+        rename = rename or (lambda name: name)
         self._live()
         self.eval()
         tensors, ranks = {}, {}
@@ -727,12 +730,12 @@ class StructLoRA(nn.Module):
             keep = d != 0
             if not keep.any():
                 keep[0] = True  # PEFT needs rank ≥ 1; this direction's d is 0
-            tensors[f"base_model.model.{name}.lora_A.weight"] = (d[keep, None] * A[keep]).contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B[:, keep].contiguous().cpu()
-            ranks[name] = int(keep.sum())
+            tensors[f"base_model.model.{rename(name)}.lora_A.weight"] = (d[keep, None] * A[keep]).contiguous().cpu()
+            tensors[f"base_model.model.{rename(name)}.lora_B.weight"] = B[:, keep].contiguous().cpu()
+            ranks[rename(name)] = int(keep.sum())
         for mod in self.cfg.modules_to_save:
             for k, v in self.model.get_submodule(mod).state_dict().items():
-                tensors[f"base_model.model.{mod}.{k}"] = v.contiguous().cpu()
+                tensors[f"base_model.model.{rename(mod)}.{k}"] = v.contiguous().cpu()
         os.makedirs(path, exist_ok=True)
         save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
         r0 = next(iter(ranks.values()))
@@ -740,7 +743,8 @@ class StructLoRA(nn.Module):
                   "rank_pattern": {f"^{n}$": k for n, k in ranks.items()},
                   "alpha_pattern": {f"^{n}$": k for n, k in ranks.items()},  # scaling α/r = 1: d is inside A
                   "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-                  "modules_to_save": list(self.cfg.modules_to_save) or None}
+                  "modules_to_save": [rename(m) for m in self.cfg.modules_to_save] or None,
+                  "base_model_name_or_path": base_model_name_or_path}
         with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=1)
 
