@@ -18,6 +18,7 @@ so every method gets the same data, steps and learning rates. Runs are resumable
 runs/study/.../metrics.json exists is read back, not repeated. Results: results/study/*.json.
 """
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -56,6 +57,8 @@ VARIANTS = {
     "semantic-threshold 0": ["--semantic-threshold=0"],
 }
 RESULTS, RUNS = "results/study", "runs/study"
+RESULTS_MD = "RESULTS.md"  # its <!-- v2_* --> blocks are rewritten by `report`
+STOP_AT = None  # "HH:MM": start no new training run after this time of day (--stop-at)
 
 
 def run(script, out, flags, reduce=None):
@@ -66,6 +69,8 @@ def run(script, out, flags, reduce=None):
     if os.path.isfile(path):
         with open(path) as f:
             return reduce(json.load(f), None, out)
+    if STOP_AT and time.strftime("%H:%M") >= STOP_AT:
+        raise SystemExit(f"--stop-at {STOP_AT}: not starting {out}")
     t0 = time.time()
     m = script.main(script.parse_args(flags + [f"--out={out}"]))
     return reduce(m, time.time() - t0, out)
@@ -198,8 +203,11 @@ def slug(name):
 
 def record(name, row, keys):
     """Adds `row` to results/study/{name}.json, replacing the row with the same values at `keys`; rows of
-    other seeds or settings, from earlier calls, stay."""
-    save(name, [r for r in load_rows(name) if any(r[k] != row[k] for k in keys)] + [row])
+    other seeds or settings, from earlier calls, stay. Locked: two studies may run side by side."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        save(name, [r for r in load_rows(name) if any(r[k] != row[k] for k in keys)] + [row])
 
 
 def load_rows(name):
@@ -683,9 +691,9 @@ def plot_cosine(rows, path, seed=0):
     for i, (m, r) in enumerate(picked.items()):
         for j, key in enumerate(keys):
             c = torch.tensor(r["updates"][key]["cosine"])
-            im = axes[i][j].imshow(c, vmin=-1, vmax=1, cmap="coolwarm")
+            im = axes[i][j].imshow(c.numpy(), vmin=-1, vmax=1, cmap="coolwarm")
             axes[i][j].set(title=f"{m}, {key}: adjacent cos {torch.diagonal(c, 1).mean():.2f}", xlabel="layer",
-                           ylabel="layer")
+                           ylabel="layer", xticks=range(0, len(c), 2), yticks=range(0, len(c), 2))
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
     fig.suptitle(f"cosine of the trained updates between layers (r = 8, 50 images/class, seed {seed})")
     fig.savefig(path, dpi=110)
@@ -705,7 +713,7 @@ def plot_energy(rows, path, variants=("lora", "smooth T=1, hybrid (structlora)",
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (curve, n) in curves.items():
-        ax.plot(range(1, len(curve) + 1), 100 * curve, marker=".", label=f"{name} ({n} seeds)")
+        ax.plot(range(1, len(curve) + 1), 100 * curve.numpy(), marker=".", label=f"{name} ({n} seeds)")
     ax.axvline(8, color="gray", ls=":")
     ax.set(xlabel="k (top singular values)", ylabel="% of ‖ΔW‖² covered", title="energy of the trained updates, r = 8")
     ax.legend(fontsize=8)
@@ -757,22 +765,36 @@ def plot_groundtruth(rows, path):
     return True
 
 
+def fill_results(blocks):
+    """Replaces each `<!-- name -->…<!-- /name -->` block of RESULTS_MD by the freshly built table `name`."""
+    if not os.path.isfile(RESULTS_MD):
+        return
+    with open(RESULTS_MD) as f:
+        text = f.read()
+    for name, md in blocks.items():
+        begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+        if begin in text and end in text:
+            text = text[:text.index(begin) + len(begin)] + "\n" + md + text[text.index(end):]
+    with open(RESULTS_MD, "w") as f:
+        f.write(text)
+
+
 def report_v2():
-    """The v2 tables (results/study/tables_v2.md) and figures, from whatever v2 runs are saved."""
-    parts, tests, seconds = [], [], 0.0
+    """The v2 tables (results/study/tables_v2.md, and their blocks in RESULTS.md) and figures, from
+    whatever v2 runs are saved."""
+    blocks, tests, seconds = {}, [], 0.0
     for name, make in (("v2_lr", lr_table), ("v2_peers", peers_table), ("v2_table6", table6_table),
                        ("v2_fractions", fractions_table), ("v2_groundtruth", groundtruth_table)):
         rows = load_rows(name)
         if not rows:
             print(f"skipping {name}: no runs saved yet")
             continue
-        md, found = make(rows)
-        parts.append(md)
+        blocks[name], found = make(rows)
         tests += found
         seconds += sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
     if tests:
-        parts.append(holm(tests))
-    parts.append(f"v2 training + evaluation time summed over all saved v2 runs: {seconds / 60:.0f} min.\n")
+        blocks["v2_holm"] = holm(tests)
+    blocks["v2_time"] = f"Training + evaluation time summed over all saved v2 runs: {seconds / 60:.0f} min.\n"
     try:
         made = [plot_cosine(load_rows("v2_peers"), os.path.join(RESULTS, "cosine_heatmaps.png")),
                 plot_energy(load_rows("v2_table6"), os.path.join(RESULTS, "energy_coverage.png")),
@@ -782,9 +804,9 @@ def report_v2():
     except ImportError:
         print("no plots: matplotlib is not installed (pip install -r requirements-study.txt)")
     with open(os.path.join(RESULTS, "tables_v2.md"), "w") as f:
-        f.write("\n".join(parts))
-    print("\n".join(parts))
-
+        f.write("\n".join(blocks.values()))
+    fill_results(blocks)
+    print("\n".join(blocks.values()))
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -796,7 +818,9 @@ if __name__ == "__main__":
     p.add_argument("--methods", nargs="+", default=None, help="peers, fractions: only these methods")
     p.add_argument("--samples", type=int, nargs="+", default=list(GT_N), help="groundtruth: training samples")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when two studies run side by side)")
+    p.add_argument("--stop-at", default=None, help="HH:MM: start no new training run after this time of day")
     args = p.parse_args()
+    STOP_AT = args.stop_at
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = tuple(args.seeds or ((0,) if args.part == "lr" else SEEDS))

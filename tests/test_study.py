@@ -125,11 +125,16 @@ def synthetic_v2(rng):
 def test_report_v2_on_synthetic_runs(tmp_path, monkeypatch):
     stats = pytest.importorskip("scipy.stats")
     monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(study, "RESULTS_MD", str(tmp_path / "RESULTS.md"))
+    (tmp_path / "RESULTS.md").write_text("prose\n<!-- v2_table6 -->\nold table\n<!-- /v2_table6 -->\nmore prose\n")
     data = synthetic_v2(random.Random(1))
     for name, rows in data.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(rows))
     study.report_v2()
     text = (tmp_path / "tables_v2.md").read_text()
+    results = (tmp_path / "RESULTS.md").read_text()
+    assert results.startswith("prose\n<!-- v2_table6 -->\n### Table 6") and "old table" not in results
+    assert results.endswith("| 0,1,2 |\n<!-- /v2_table6 -->\nmore prose\n")
     pick = lambda rows, **k: [r for r in rows if all(r[a] == b for a, b in k.items())]
     dora = [r["accuracy"] for r in pick(data["v2_peers"], size=50, method="dora")]
     lora = [r["accuracy"] for r in pick(data["v2_peers"], size=50, method="lora")]
