@@ -179,7 +179,7 @@ PEER_METHODS = ("head", "lora", "structlora") + PEERS
 # Table 6 and the appendix baselines at the setting where StructLoRA did best (r = 8, 50 images/class)
 TABLE6 = {
     "lora": ["--method=lora"],
-    "smooth T=1, hybrid (structlora)": ["--method=structlora"],
+    "structlora (smooth T=1, hybrid)": ["--method=structlora"],
     "smooth T=2": ["--method=structlora", "--graph-layers=2"],
     "smooth T=3": ["--method=structlora", "--graph-layers=3"],
     "gcn T=1": ["--method=structlora", "--coordinator=gcn"],
@@ -270,7 +270,7 @@ def peers(seeds=SEEDS, sizes=(50, 10), methods=PEER_METHODS):
 
 
 def table6(seeds=SEEDS):
-    shared = ("lora", "smooth T=1, hybrid (structlora)")  # the peers part trains these too: last, so that two
+    shared = ("lora", "structlora (smooth T=1, hybrid)")  # the peers part trains these too: last, so that two
     for name in sorted(TABLE6, key=lambda n: n in shared):  # studies side by side do not train them twice
         flags = TABLE6[name]
         for seed in seeds:
@@ -708,7 +708,7 @@ def plot_cosine(rows, path, seed=0):
     return True
 
 
-def plot_energy(rows, path, variants=("lora", "smooth T=1, hybrid (structlora)", "gcn T=1", "lora+laplacian")):
+def plot_energy(rows, path, variants=("lora", "structlora (smooth T=1, hybrid)", "gcn T=1", "lora+laplacian")):
     """Paper Fig. 6: share of ‖ΔW‖² in the top-k singular values, mean over layers, graphs and seeds."""
     curves = {}
     for name in variants:
