@@ -8,6 +8,7 @@ import torch
 
 from structlora import StructLoRAConfig
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of a frozen base
 # --method -> (ib, graph): the paper's four ablation rows
 METHODS = {"lora": (False, False), "ib": (True, False), "graph": (False, True), "structlora": (True, True)}
 
