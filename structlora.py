@@ -1,17 +1,24 @@
 """StructLoRA: structured, task-aware low-rank adaptation, in one file of plain PyTorch.
 
 Paper: "Not All Directions Matter: Toward Structured and Task-Aware Low-Rank Adaptation"
-(arXiv 2603.14228). Read beside ../shared/paper.md (section numbers below refer to it).
+(arXiv 2603.14228). Read beside docs/paper.md (section numbers below refer to it).
 
     §1  LoRA            ΔW   = (α/r)·B·A                                   LoRALinear
-    §2  IB gate         ΔW̃   = (α/r)·B·diag(m)·A,  m ~ Concrete(φ, τ)      LoRALinear.gate, bernoulli_kl
-    §3  coordinator     ΔW^f = (1-η)·ΔW̃_ℓ + η·Σ_j Â_ℓj·ΔW̃_j                LayerGraph
+    §2  IB gate         ΔW̃   = (α/r)·B·diag(m)·A,  m ~ Concrete(φ, τ)      gate_values, bernoulli_kl
+    §3  coordinator     smooth: ΔW^f = C^T·ΔW̃,  C = (1-η)·I + η·Â          Smooth
+                        gcn:    h ← h + σ((Â-I)·h·Θ^(t)),  t = 1..T         GCN
     §4  loss, merge     L = L_task + β·Σ KL(q(m)‖p(m));  W = W0 + ΔW^f     StructLoRA
 
-Both training-only parts are computed in factor form: the coordinated update of layer ℓ is
-B_cat·diag(c ⊙ m)·A_cat with its neighbours' factors stacked, so no d×k matrix is ever formed
-while training. merge_and_unload() folds ΔW^f into the frozen weights once and returns the
-plain base model.
+The coordinated update of layer ℓ is computed in factor form inside that layer's forward:
+
+      x ──► A_cat ──► ⊙ d ──► B'_cat ──► + ──► y        A_cat = [A_s; …]   (the K sources s of ℓ)
+      └──────────────► W0 ─────────────────┘              d     = (α/r)·[m_s; …]   (gates, §2)
+                                                          B'    = coordinator(ℓ, [B_s, …])  (§3)
+
+No d×k matrix is formed while training, and nothing computed in one forward is kept on a module
+for a later one: gate noise comes from torch's global RNG inside the forward that uses it, so
+activation checkpointing recomputes the same sample. merge_and_unload() folds ΔW^f into the frozen
+weights once and returns the plain base model.
 """
 import json
 import math
@@ -19,6 +26,7 @@ import os
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -34,23 +42,30 @@ class StructLoRAConfig:
     target_modules: tuple = ("q_proj", "v_proj")  # nn.Linear names (last path component) to adapt
     modules_to_save: tuple = ()       # modules trained fully and saved with the adapter (e.g. a new head)
     ib: bool = True                   # §2 IB gate on the r directions (False: m = 1)
-    graph: bool = True                # §3 graph coordinator across depth (False: η = 0)
+    graph: bool = True                # §3 graph coordinator across depth (False: each layer alone)
     # §2 IB gate
     beta: float = 1e-3                # weight of the KL penalty, per direction
     prior: float = 0.2                # π0 < prune_below, so a direction the task does not hold open closes
     tau: float = 0.5                  # temperature of the relaxed-Bernoulli sample
-    gate_init: float = 0.9            # σ(φ) at step 0: gates start open
+    gate_init: float = 0.9            # σ(φ) at step 0: gates start open (must be ≥ prune_below)
     prune_below: float = 0.5          # at eval and merge, directions with σ(φ) below this are cut to 0
     kl_warmup_steps: int = 0          # KL weight ramps linearly from 0 to β over this many step() calls
     # §3 graph coordinator
+    coordinator: str = "smooth"       # "smooth" (residual Laplacian step), "gcn" (learnable Θ, σ), "custom"
+    graph_layers: int = 1             # T: message-passing layers; the update of ℓ mixes its T-hop neighbourhood
+    edges: str = "hybrid"             # "hybrid" = chain ∪ semantic, "chain" (depth only), "semantic" (gradients only)
+    gcn_activation: str = "tanh"      # σ of the gcn coordinator, on B factors: "tanh" or "identity"
     graph_norm: str = "rw"            # Â = D^-1 (A+I) ("rw") or D^-1/2 (A+I) D^-1/2 ("sym", GCN)
-    eta_max: float = 1.0              # η = η_max·σ(ψ); η ≤ 1 keeps the drift-energy theorem true
-    eta_init: float = 0.1             # η at step 0: start close to plain LoRA
-    semantic_every: int = 50          # K: rebuild the semantic edges every K step() calls (0: chain only)
+    eta_max: float = 1.0              # η = η_max·σ(ψ) ∈ (0, η_max], η_max ≤ 1 keeps the drift-energy theorem
+    eta_init: float = 0.1             # η at step 0 (gcn: Θ^(t) = η_init·I at step 0)
+    semantic_every: int = 50          # K: rebuild the semantic edges every K step() calls (0: never)
     sketch_dim: int = 16              # p: width of the random gradient sketch G·P
     sketch_ema: float = 0.9           # EMA factor of the sketches across rebuilds
-    semantic_topk: int = 1            # k: at most k semantic (non-adjacent) neighbours per layer
+    semantic_topk: int = 1            # k: every layer has at most k semantic neighbours (greedy, best cosine first)
     semantic_threshold: float = 0.05  # minimum sketch cosine (measured between layers of DINOv2-S: 0.00–0.05)
+    # static regularizer baselines of the paper's appendix (added by aux_loss(), on ΔW̃ of depth neighbours)
+    reg: str = "none"                 # "cos": Σ (1 − cos(ΔW̃_i, ΔW̃_j)); "laplacian": Σ ‖ΔW̃_i − ΔW̃_j‖²
+    reg_weight: float = 1e-2
     seed: int = 0                     # seed of A's init and of the sketch projection P
 
     def __post_init__(self):
@@ -61,14 +76,27 @@ class StructLoRAConfig:
             raise ValueError(f"rank r must be a positive integer, got {self.r!r}")
         if not self.target_modules:
             raise ValueError("target_modules is empty")
-        if not 0 < self.prior < 1 or not 0 < self.gate_init < 1:
-            raise ValueError("prior and gate_init must lie in (0, 1)")
+        if not 0 < self.prior < 1 or not 0 < self.gate_init < 1 or not 0 < self.prune_below < 1:
+            raise ValueError("prior, gate_init and prune_below must lie in (0, 1)")
+        if self.ib and self.gate_init < self.prune_below:
+            raise ValueError(f"gate_init {self.gate_init} < prune_below {self.prune_below} closes every direction "
+                             "at step 0; start the gates open")
         if self.tau <= 0 or not 0 <= self.dropout < 1:
             raise ValueError("tau must be > 0 and dropout in [0, 1)")
-        if self.graph_norm not in ("rw", "sym"):
-            raise ValueError(f"graph_norm must be 'rw' or 'sym', got {self.graph_norm!r}")
+        choices = {"coordinator": ("smooth", "gcn", "custom"), "edges": ("hybrid", "chain", "semantic"),
+                   "gcn_activation": ("tanh", "identity"), "graph_norm": ("rw", "sym"),
+                   "reg": ("none", "cos", "laplacian")}
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if not 0 < self.eta_max <= 1:
+            raise ValueError(f"need 0 < eta_max ≤ 1 (the drift-energy theorem needs η ≤ 1), got {self.eta_max}")
         if not 0 < self.eta_init < self.eta_max:
             raise ValueError("need 0 < eta_init < eta_max")
+        if not isinstance(self.graph_layers, int) or self.graph_layers < 1:
+            raise ValueError(f"graph_layers must be an integer ≥ 1, got {self.graph_layers!r}")
+        if self.semantic_topk < 0 or self.semantic_every < 0 or self.reg_weight < 0:
+            raise ValueError("semantic_topk, semantic_every and reg_weight must be ≥ 0")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,7 +104,8 @@ class StructLoRAConfig:
 
 
 def concrete_sample(logits, tau):
-    """Relaxed-Bernoulli (binary Concrete) sample, reparameterized: m = σ((φ + log u − log(1−u))/τ)."""
+    """Relaxed-Bernoulli (binary Concrete) sample, reparameterized: m = σ((φ + log u − log(1−u))/τ).
+    u comes from torch's global RNG, so a seed makes it repeatable and checkpointing recomputes it."""
     u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
     return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
 
@@ -94,12 +123,21 @@ def bernoulli_kl(logits, prior):
     return q * (log_q - math.log(prior)) + (1 - q) * (log_1mq - math.log(1 - prior))
 
 
+def gate_values(layers, training):
+    """§2: m for each layer's r directions, [len(layers), r]: a fresh Concrete sample in training,
+    σ(φ) with weak directions cut at eval; the fixed mask when the layers have no IB gate."""
+    if layers[0].gate_logits is None:
+        return torch.stack([l.mask for l in layers])
+    phi, cfg = torch.stack([l.gate_logits for l in layers]), layers[0].cfg
+    return concrete_sample(phi, cfg.tau) if training else deterministic_gate(phi, cfg.prune_below)
+
+
 # ----------------------------------------------------------------------------------------------
 # §1 the LoRA layer, computing its (coordinated) update in factor form
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus y += (α/r)·B_cat·diag(c ⊙ m)·A_cat·x (§1–§3, factor form)."""
+    """A frozen nn.Linear plus y += B'_cat·diag(d)·A_cat·x (§1–§3, factor form)."""
 
     def __init__(self, base: nn.Linear, cfg: StructLoRAConfig, generator=None):
         super().__init__()
@@ -116,31 +154,15 @@ class LoRALinear(nn.Module):
         # A fixed 0/1 mask on the directions (all ones unless mask_directions() set it: filter baselines)
         self.register_buffer("mask", torch.ones(cfg.r, **kw), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
-        # Set by StructLoRA: the graph this layer is a node of, and (training only) this forward's
-        # gate sample, shared by every layer that mixes this layer's update into its own.
-        self.graph, self.m, self.cached_factors = None, None, None
-        self.sketch_P, self.sketch = None, None  # §3 gradient sketch, only while armed
-
-    def gate(self):
-        """§2: m ∈ [0,1]^r — a Concrete sample in training, σ(φ) with weak directions cut to 0 at eval."""
-        if self.gate_logits is None:
-            return self.mask
-        if self.training:
-            return self.m if self.m is not None else concrete_sample(self.gate_logits, self.cfg.tau)
-        return deterministic_gate(self.gate_logits, self.cfg.prune_below)
+        self.graph = None                        # (LayerGraph, index of this layer), set by StructLoRA
+        self.sketch_P, self.sketch = None, None  # §3 gradient sketch, only while armed by step()
 
     def factors(self):
-        """(B, d, A) with ΔW^f = B·diag(d)·A; with a graph, the neighbours' factors stacked (§3)."""
-        if self.cached_factors is not None:  # training: LayerGraph.prepare() built them for the graph
-            return self.cached_factors
+        """(B, d, A) with ΔW^f = B·diag(d)·A, computed now from the parameters (no cache)."""
         if self.graph is None:
-            return self.lora_B, self.scaling * self.gate(), self.lora_A  # eq. §2: (α/r)·B·diag(m)·A
+            return self.lora_B, self.scaling * gate_values([self], self.training)[0], self.lora_A  # §2
         graph, i = self.graph
-        nodes, c = graph.row(i)  # ΔW^f_ℓ = Σ_j c_ℓj ΔW̃_j, c = row ℓ of (1-η)I + ηÂ
-        d = torch.cat([c[k] * n.gate() for k, n in enumerate(nodes)])
-        A = torch.cat([n.lora_A for n in nodes], 0)
-        B = torch.cat([n.lora_B for n in nodes], 1)
-        return B, self.scaling * d, A
+        return graph.factors(i, self.training)
 
     def delta_weight(self):
         """ΔW^f as a dense out×in matrix (merge and diagnostics only, never in training)."""
@@ -152,15 +174,16 @@ class LoRALinear(nn.Module):
         h = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):
             h = h.to(A.dtype)  # adapters stay float32 on a bf16/fp16 base
-        h = F.linear(h, A) * d  # diag(d)·A·x: r·(deg+1) numbers per token
         y = self.base(x)
-        y = y + F.linear(h, B).to(y.dtype)  # §3: W0·x + B_cat·diag(c ⊙ m)·A_cat·x
+        y = y + F.linear(F.linear(h, A) * d, B).to(y.dtype)  # W0·x + B'·diag(d)·A·x
         if self.sketch_P is not None and y.requires_grad:
             self._add_sketch_hook(y, x)
         return y
 
     def _add_sketch_hook(self, y, x):
         # §3: G·P = Σ_tokens (∂L/∂y)(Pᵀx)ᵀ, the gradient a zero-valued probe y += Z·(Pᵀx) would get.
+        # Accumulated like .grad between two step() calls; recomputation under checkpointing adds no
+        # second hook that fires (non-reentrant) or runs the only one (reentrant).
         xp = x.detach().flatten(0, -2).float() @ self.sketch_P
 
         def hook(g):
@@ -173,7 +196,7 @@ class LoRALinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# §3 the graph coordinator: one graph per target name, nodes ordered by depth
+# §3 the graph: nodes are the adapted layers of one target name, in depth order
 
 
 def propagation_matrix(adj, norm="rw"):
@@ -191,32 +214,38 @@ def propagation_matrix(adj, norm="rw"):
     return a / torch.sqrt(deg[:, None] * deg[None, :])
 
 
-def chain_adjacency(n):
-    """Edges between depth-neighbouring layers ℓ and ℓ+1."""
-    adj = torch.zeros(n, n)
-    i = torch.arange(n - 1)
-    adj[i, i + 1] = adj[i + 1, i] = 1.0
+def chain_adjacency(depth):
+    """Edges between depth neighbours: nodes whose positions among the layers of their target name
+    differ by one (layers 0, 1, 4 of a shape group: 0–1 only, when layers 2, 3 have another shape)."""
+    d = torch.as_tensor(depth)
+    return ((d[:, None] - d[None, :]).abs() == 1).float()
+
+
+def semantic_adjacency(sketches, topk, threshold, exclude):
+    """Edges i–j whose gradient sketches align (cosine > threshold), best first, each node taking at
+    most `topk` of them; pairs where `exclude` is set (existing edges, self) are never chosen."""
+    z = F.normalize(sketches.flatten(1).double(), dim=1)
+    cos = (z @ z.T).masked_fill(exclude.bool() | torch.eye(len(z), dtype=torch.bool), -2.0)
+    adj, deg = torch.zeros_like(exclude, dtype=torch.float32), [0] * len(z)
+    iu = torch.triu_indices(len(z), len(z), 1)
+    for k in cos[iu[0], iu[1]].argsort(descending=True, stable=True).tolist():
+        i, j = iu[0, k].item(), iu[1, k].item()
+        if cos[i, j] <= threshold:
+            break
+        if deg[i] < topk and deg[j] < topk:
+            adj[i, j] = adj[j, i] = 1.0
+            deg[i], deg[j] = deg[i] + 1, deg[j] + 1
     return adj
 
 
-def semantic_adjacency(sketches, topk, threshold):
-    """Non-adjacent edges i–j whose gradient sketches align: cosine > threshold, top-k per layer."""
-    n = sketches.shape[0]
-    z = F.normalize(sketches.flatten(1).float(), dim=1)
-    cos = z @ z.T
-    idx = torch.arange(n)
-    cos[(idx[:, None] - idx[None, :]).abs() <= 1] = -float("inf")  # self and chain edges exist already
-    adj = torch.zeros(n, n)
-    if topk > 0 and n > 2:
-        val, j = cos.topk(min(topk, n), dim=1)
-        keep = val > threshold
-        adj[idx[:, None].expand_as(j)[keep], j[keep]] = 1.0
-    return torch.maximum(adj, adj.T)
+def factor_inner(f, g):
+    """⟨B_f·A_f, B_g·A_g⟩_F from r×r products only: Σ (B_fᵀB_g) ⊙ (A_f A_gᵀ)."""
+    return ((f[0].T @ g[0]) * (f[1] @ g[1].T)).sum()
 
 
 def factor_gram(factors):
-    """G_ij = ⟨ΔW_i, ΔW_j⟩_F for ΔW_i = B_i·A_i, from r×r products only: Σ (B_iᵀB_j) ⊙ (A_i A_jᵀ)."""
-    return torch.stack([torch.stack([((Bi.T @ Bj) * (Ai @ Aj.T)).sum() for Bj, Aj in factors]) for Bi, Ai in factors])
+    """G_ij = ⟨ΔW_i, ΔW_j⟩_F for ΔW_i = B_i·A_i given as factor pairs (B_i, A_i)."""
+    return torch.stack([torch.stack([factor_inner(f, g) for g in factors]) for f in factors])
 
 
 def drift_energy(gram, adj):
@@ -226,6 +255,13 @@ def drift_energy(gram, adj):
     return 0.5 * (adj * sq).sum()
 
 
+def edge_cosine(gram, adj, eps=1e-30):
+    """Cosine between vec(ΔW_i) and vec(ΔW_j) for every edge (i < j) of adj."""
+    i, j = torch.triu(adj, 1).nonzero().unbind(1)
+    g = torch.diagonal(gram)
+    return gram[i, j] / torch.sqrt((g[i] * g[j]).clamp_min(eps))
+
+
 def adjacent_cosine(gram):
     """Mean cosine between vec(ΔW_ℓ) and vec(ΔW_ℓ+1) (the paper: ≈0.34 for LoRA, ≈0.62 StructLoRA)."""
     g = torch.diagonal(gram).clamp_min(1e-30)
@@ -233,107 +269,183 @@ def adjacent_cosine(gram):
     return cos.mean() if cos.numel() else gram.new_tensor(float("nan"))
 
 
-class LayerGraph(nn.Module):
-    """Nodes = the adapted layers of one target name; one residual Laplacian-smoothing step."""
+def hop_order(adj, hops):
+    """For each node i: the nodes within `hops` edges, nearest first (i itself first), and how many
+    lie within 0, 1, …, hops edges. The sources whose updates can reach i in T message passes."""
+    n, nbrs = len(adj), [row.nonzero().flatten().tolist() for row in adj.cpu()]
+    orders, counts = [], []
+    for i in range(n):
+        order, frontier, count = [i], [i], [1]
+        for _ in range(hops):
+            frontier = sorted({j for f in frontier for j in nbrs[f]} - set(order))
+            order += frontier
+            count.append(len(order))
+        orders.append(order), counts.append(count)
+    return orders, counts
 
-    def __init__(self, layers, cfg: StructLoRAConfig, seed: int):
+
+# ----------------------------------------------------------------------------------------------
+# §3 the coordinators. A coordinator is the seam for new ideas: an nn.Module built as
+# `Coordinator(graph)` whose forward(graph, i, B) maps the un-gated B factors of node i's sources,
+# B: [out, K, r] for the K nodes graph.sources[i], to coordinated ones of the same shape.
+# Gates and A's apply after it: ΔW^f_i = Σ_s B'_s·diag((α/r)·m_s)·A_s. Its parameters train at the
+# control lr. Pass your own as StructLoRA(model, cfg, coordinator=YourClass) with coordinator="custom".
+
+
+class Smooth(nn.Module):
+    """§3 residual Laplacian smoothing, T times: ΔW^f = C^T·ΔW̃, C = I − η·L = (1−η)·I + η·Â."""
+
+    def __init__(self, graph):
+        super().__init__()
+        cfg = graph.cfg
+        self.eta_max, self.T = cfg.eta_max, cfg.graph_layers
+        psi = math.log(cfg.eta_init / (cfg.eta_max - cfg.eta_init))  # η = η_max·σ(ψ), shared by the graph
+        self.eta_logit = nn.Parameter(torch.tensor(psi, device=graph.adj.device))
+
+    def eta(self):
+        return self.eta_max * torch.sigmoid(self.eta_logit)
+
+    def forward(self, graph, i, B):
+        eta, v = self.eta(), graph.eye[i]
+        for _ in range(self.T):
+            v = (1 - eta) * v + eta * (v @ graph.a_hat)  # row i of C^t
+        return B * v[graph.source_index(i)][:, None]     # B'_s = (C^T)_is·B_s
+
+
+class GCN(nn.Module):
+    """§3 the paper's residual GCN in factor space: h_ℓ ← h_ℓ + σ(Σ_j (Â − I)_ℓj·h_j·Θ^(t)), T layers.
+
+    A node's state h is its B factor on each source's r directions: the A_s stay fixed and the gates
+    apply after, so Θ^(t) ∈ R^{r×r} and σ act on weight-space factors, never on activations, and the
+    update stays low-rank and mergeable. σ = identity with Θ^(t) = η·I is Smooth exactly."""
+
+    def __init__(self, graph):
+        super().__init__()
+        cfg = graph.cfg
+        eye = torch.eye(cfg.r, device=graph.adj.device)
+        self.theta = nn.ParameterList(nn.Parameter(cfg.eta_init * eye) for _ in range(cfg.graph_layers))
+        self.act = torch.tanh if cfg.gcn_activation == "tanh" else nn.Identity()
+
+    def forward(self, graph, i, B):
+        idx, within = graph.source_index(i), graph.counts[i]  # sources nearest first; within[h]: ≤ h hops
+        T = len(self.theta)
+        H = torch.einsum("js,osr->josr", graph.eye.new_ones(len(idx)).diag(), B)  # h_j^(0): B_j on source j
+        for t, theta in enumerate(self.theta, 1):
+            rows = idx[:within[T - t]]  # nodes whose state layer t must still feed towards node i
+            L = graph.a_hat.index_select(0, rows).index_select(1, idx[:len(H)]) - graph.eye[rows][:, idx[:len(H)]]
+            H = H[:len(rows)] + self.act(torch.einsum("jk,kosr->josr", L, H) @ theta)
+        return H[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# §3 the graph: nodes are the adapted layers of one target name and shape, in depth order
+
+
+class LayerGraph(nn.Module):
+    """One node per adapted layer; edges: depth neighbours (chain) and/or layers whose gradient sketches
+    align (semantic); and the coordinator that mixes the nodes' updates along them."""
+
+    def __init__(self, layers, depth, cfg: StructLoRAConfig, seed: int, coordinator):
         super().__init__()
         self.layers, self.cfg = list(layers), cfg  # plain list: the layers live in the model
-        # η = η_max·σ(ψ), shared by the graph (the drift theorem needs one η in [0, 1])
-        psi = math.log(cfg.eta_init / (cfg.eta_max - cfg.eta_init))
-        self.eta_logit = nn.Parameter(torch.tensor(psi, device=self.layers[0].lora_A.device))
-        self.register_buffer("adj", chain_adjacency(len(self.layers)).to(self.layers[0].lora_A.device))
-        self.register_buffer("padded_idx", None, persistent=False)   # set by update_neighbours()
-        self.register_buffer("padded_mask", None, persistent=False)
+        n, dev = len(self.layers), self.layers[0].lora_A.device
+        chain = chain_adjacency(depth)
+        # Fixed-shape buffers, updated in place, so DDP's buffer broadcast always matches
+        self.register_buffer("adj", (torch.zeros(n, n) if cfg.edges == "semantic" else chain).to(dev))
+        self.register_buffer("chain", chain.to(dev), persistent=False)
+        self.register_buffer("a_hat", torch.zeros(n, n, device=dev), persistent=False)
+        self.register_buffer("eye", torch.eye(n, device=dev), persistent=False)
+        self.register_buffer("order", torch.zeros(n, n, dtype=torch.long, device=dev), persistent=False)
         self.sketch_ema = None
         g = torch.Generator().manual_seed(seed)
-        in_features = self.layers[0].base.in_features
-        self.P = torch.randn(in_features, cfg.sketch_dim, generator=g) / math.sqrt(cfg.sketch_dim)
-        self.update_neighbours()
+        self.P = torch.randn(self.layers[0].base.in_features, cfg.sketch_dim, generator=g) / math.sqrt(cfg.sketch_dim)
+        self.coordinator = coordinator(self)
+        self.set_edges(self.adj)
+        self.register_load_state_dict_post_hook(lambda graph, keys: graph.set_edges(graph.adj))
         for i, layer in enumerate(self.layers):
             layer.graph = (self, i)
 
-    def eta(self):
-        return self.cfg.eta_max * torch.sigmoid(self.eta_logit)
-
-    def mixing(self):
-        """C = I − η·L = (1−η)·I + η·Â: one residual smoothing step, H^f = C·H̃ (§3)."""
-        a_hat = propagation_matrix(self.adj, self.cfg.graph_norm)
-        eye = torch.eye(len(self.layers), dtype=a_hat.dtype, device=a_hat.device)
-        return (1 - self.eta()) * eye + self.eta() * a_hat
-
     @torch.no_grad()
     def set_edges(self, adj):
-        """Replaces the adjacency (0/1, symmetric, no self-loops) and the neighbour lists it implies."""
+        """Replaces the adjacency (0/1, symmetric, no self-loops) and what follows from it: Â, and each
+        node's sources (its T-hop neighbourhood, nearest first)."""
+        adj = adj.to(self.adj)
+        if not (torch.equal(adj, adj.T) and (adj.diagonal() == 0).all() and ((adj == 0) | (adj == 1)).all()):
+            raise ValueError("adjacency must be 0/1, symmetric, with a zero diagonal")
         self.adj.copy_(adj)
-        self.update_neighbours()
+        self.a_hat.copy_(propagation_matrix(self.adj, self.cfg.graph_norm))
+        self.sources, self.counts = hop_order(self.adj, self.cfg.graph_layers)
+        n = len(self.layers)
+        self.order.copy_(torch.tensor([s + [j for j in range(n) if j not in s] for s in self.sources]))
 
-    def update_neighbours(self):
-        adj = self.adj.cpu()
-        self.neighbours = [[i] + adj[i].nonzero().flatten().tolist() for i in range(len(self.layers))]
-        # The same lists padded to one width K (a pad repeats node i with coefficient 0), so that
-        # prepare() stacks every layer's factors with a few whole-graph ops.
-        K = max(map(len, self.neighbours))
-        pad = [nb + [nb[0]] * (K - len(nb)) for nb in self.neighbours]
-        self.padded_idx = torch.tensor(pad, device=self.adj.device)
-        valid = torch.arange(K)[None, :] < torch.tensor([len(nb) for nb in self.neighbours])[:, None]
-        self.padded_mask = valid.to(self.adj.device, self.adj.dtype)
+    def source_index(self, i):
+        return self.order[i, :len(self.sources[i])]
 
-    def prepare(self):
-        """Training forward: every layer's (B_cat, d, A_cat) at once (same values as LoRALinear.factors)."""
-        idx, mask = self.padded_idx, self.padded_mask
-        (n, K), flat = idx.shape, idx.flatten()  # index_select: its backward is far cheaper than A[idx]'s
-        pick = lambda ts: torch.index_select(torch.stack(ts), 0, flat).unflatten(0, (n, K))
-        coef = self.mixing().gather(1, idx) * mask                                   # c_ℓj, [n, K]
-        M = pick([layer.gate() for layer in self.layers])                            # m_j, [n, K, r]
-        d = (coef[:, :, None] * M).flatten(1) * self.layers[0].scaling               # [n, K·r]
-        A = pick([layer.lora_A for layer in self.layers]).flatten(1, 2)               # [n, K·r, in]
-        B = pick([layer.lora_B for layer in self.layers]).permute(0, 2, 1, 3).flatten(2)  # [n, out, K·r]
-        for i in range(n):
-            self.layers[i].cached_factors = (B[i], d[i], A[i])
-
-    def row(self, i):
-        """The layers mixed into layer i's update and their coefficients."""
-        idx = self.neighbours[i]
-        return [self.layers[j] for j in idx], self.mixing()[i, idx]
+    def factors(self, i, training):
+        """(B', d, A) of node i: ΔW^f_i = Σ_s B'_s·diag((α/r)·m_s)·A_s over its sources s (§2–§3)."""
+        nodes = [self.layers[s] for s in self.sources[i]]
+        m = gate_values(nodes, training)                                           # §2, [K, r]
+        B = self.coordinator(self, i, torch.stack([n.lora_B for n in nodes], 1))   # §3, [out, K, r]
+        return B.flatten(1), nodes[0].scaling * m.flatten(), torch.cat([n.lora_A for n in nodes])
 
     def arm_sketches(self):
         for layer in self.layers:
             layer.sketch_P, layer.sketch = self.P.to(layer.lora_A.device), None
 
     def rebuild_semantic_edges(self):
-        """EMA the gradient sketches collected since arm_sketches(); rebuild A = chain ∪ semantic."""
+        """EMA the gradient sketches collected since arm_sketches() — averaged over the ranks of a
+        process group, so every rank builds the same graph — and rebuild the semantic edges."""
         sketches = [layer.sketch for layer in self.layers]
         for layer in self.layers:
             layer.sketch_P, layer.sketch = None, None
-        if any(s is None for s in sketches):
+        shape = (self.layers[0].base.out_features, self.cfg.sketch_dim)
+        dev = self.adj.device
+        s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches] +
+                        [torch.full(shape, float(all(x is not None for x in sketches)), device=dev)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(s)  # sums; cosines do not care, the EMA sees one consistent scale
+        s, filled = s[:-1].cpu(), s[-1, 0, 0].item()
+        if filled == 0:
             return  # no training backward ran since the sketches were armed
-        s = torch.stack(sketches).cpu()
         rho = self.cfg.sketch_ema
         self.sketch_ema = s if self.sketch_ema is None else rho * self.sketch_ema + (1 - rho) * s
-        semantic = semantic_adjacency(self.sketch_ema, self.cfg.semantic_topk, self.cfg.semantic_threshold)
-        self.set_edges(torch.maximum(chain_adjacency(len(self.layers)), semantic))
+        hybrid = self.cfg.edges == "hybrid"
+        fixed = self.chain.cpu() if hybrid else torch.zeros_like(self.chain.cpu())
+        semantic = semantic_adjacency(self.sketch_ema, self.cfg.semantic_topk, self.cfg.semantic_threshold, fixed)
+        self.set_edges(torch.maximum(fixed, semantic))
 
     @torch.no_grad()
-    def gram(self, coordinated):
-        """G_ij = ⟨ΔW_i, ΔW_j⟩_F in factor form: Σ (B_iᵀB_j) ⊙ (D_iA_i A_jᵀD_j), r×r products only."""
-        G = factor_gram([(l.lora_B.float(), (l.scaling * l.gate())[:, None] * l.lora_A.float()) for l in self.layers])
-        if coordinated:
-            C = self.mixing().float()
-            G = C @ G @ C.T  # H^f = C·H̃  ⇒  G^f = C·G·Cᵀ
-        return G
-
     def diagnostics(self):
-        before, after = self.gram(False), self.gram(True)
-        n = len(self.layers)
-        semantic = [(i, j) for i in range(n) for j in range(i + 2, n) if self.adj[i, j] > 0]
+        """Every edge, the semantic ones, drift energy and adjacent cosine before/after the coordinator."""
+        n, cfg = len(self.layers), self.cfg
+        before = factor_gram([(l.lora_B * (l.scaling * gate_values([l], False)), l.lora_A) for l in self.layers])
+        after = factor_gram([(B * d, A) for B, d, A in (self.factors(i, False) for i in range(n))])
+        edges = [(i, j) for i in range(n) for j in range(i + 1, n) if self.adj[i, j] > 0]
+        eta = self.coordinator.eta() if isinstance(self.coordinator, Smooth) else None
         return {
-            "nodes": n, "eta": float(self.eta()), "semantic_edges": semantic,
+            "nodes": n, "coordinator": cfg.coordinator, "graph_layers": cfg.graph_layers,
+            "eta": None if eta is None else float(eta), "edges": edges,
+            "semantic_edges": [e for e in edges if self.chain[e] == 0],
             "drift_energy_before": float(drift_energy(before, self.adj)),
             "drift_energy_after": float(drift_energy(after, self.adj)),
-            "adjacent_cosine_before": float(adjacent_cosine(before)),
-            "adjacent_cosine_after": float(adjacent_cosine(after)),
+            "adjacent_cosine_before": float(edge_cosine(before, self.chain).mean()),
+            "adjacent_cosine_after": float(edge_cosine(after, self.chain).mean()),
         }
+
+
+def neighbour_penalty(layers, chain, kind):
+    """The appendix's static baselines on ΔW̃_i = (α/r)·B_i·diag(σ(φ_i))·A_i of depth neighbours:
+    "laplacian" Σ ‖ΔW̃_i − ΔW̃_j‖² (drift energy), "cos" Σ (1 − cos(vec ΔW̃_i, vec ΔW̃_j))."""
+    gate = lambda l: torch.sigmoid(l.gate_logits) if l.gate_logits is not None else l.mask
+    f = [(l.lora_B * (l.scaling * gate(l)), l.lora_A) for l in layers]
+    i, j = torch.triu(chain, 1).nonzero().T.tolist()
+    if not i:
+        return layers[0].lora_B.new_zeros(())
+    sq = torch.stack([factor_inner(a, a) for a in f])                    # ‖ΔW̃_i‖²
+    ij = torch.stack([factor_inner(f[a], f[b]) for a, b in zip(i, j)])    # ⟨ΔW̃_i, ΔW̃_j⟩
+    if kind == "laplacian":
+        return (sq[i] + sq[j] - 2 * ij).sum()
+    return (1 - ij / torch.sqrt(sq[i] * sq[j] + 1e-12)).sum()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,82 +455,88 @@ class LayerGraph(nn.Module):
 class StructLoRA(nn.Module):
     """Wraps a model: adapts its target nn.Linear layers, freezes the rest, and owns the graphs."""
 
-    def __init__(self, model: nn.Module, cfg: StructLoRAConfig):
+    def __init__(self, model: nn.Module, cfg: StructLoRAConfig, coordinator=None):
         super().__init__()
-        self.cfg, self.model, self.steps = cfg, model, 0
+        if (cfg.coordinator == "custom") != (coordinator is not None):
+            raise ValueError("pass a coordinator class exactly when cfg.coordinator == 'custom'")
+        targets = find_targets(model, cfg)  # every check runs before the model is changed
+        self.cfg, self.model, self.steps, self.merged = cfg, model, 0, False
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         for name in cfg.modules_to_save:
-            _get_module(model, name).requires_grad_(True)
-        self.lora_layers = inject_lora(model, cfg)  # {name: LoRALinear}, in depth order
-        overlap = [n for n in self.lora_layers if any(n.startswith(s + ".") for s in cfg.modules_to_save)]
-        if overlap:
-            raise ValueError(f"modules_to_save contain adapted layers {overlap}")
+            model.get_submodule(name).requires_grad_(True)
+        self.lora_layers = inject_lora(model, targets, cfg)  # {name: LoRALinear}, in depth order
+        self.groups = group_layers(self.lora_layers)         # {key: (layers, depth)}
         self.graphs = nn.ModuleDict()
         if cfg.graph:
-            for key, layers in group_layers(self.lora_layers).items():
-                self.graphs[key] = LayerGraph(layers, cfg, seed=cfg.seed + len(self.graphs))
-        self._hook = model.register_forward_pre_hook(self._before_forward)
+            make = coordinator or {"smooth": Smooth, "gcn": GCN}[cfg.coordinator]
+            for key, (layers, depth) in self.groups.items():
+                self.graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(self.graphs), make)
+
+    def _live(self):
+        if self.merged:
+            raise RuntimeError("this StructLoRA wrapper was merged by merge_and_unload(); use the model it returned")
 
     def forward(self, *args, **kwargs):
+        self._live()
         return self.model(*args, **kwargs)
 
-    def _before_forward(self, module, args):
-        self.refresh()
-
-    def refresh(self):
-        """Draws this training forward's gates and mixing matrices, shared by every layer that uses
-        them (and reused by activation-checkpoint recomputation). Runs before each forward of the
-        wrapped model; call it yourself before using adapted layers outside that forward."""
-        self._clear_caches()
-        if self.model.training:
-            layers = [l for l in self.lora_layers.values() if l.gate_logits is not None]
-            if layers:  # §2: one Concrete sample for every direction of every layer
-                m = concrete_sample(torch.stack([l.gate_logits for l in layers]), self.cfg.tau)
-                for layer, m_l in zip(layers, m.unbind(0)):
-                    layer.m = m_l
-            for graph in self.graphs.values():
-                graph.prepare()
-
-    def _clear_caches(self):
-        for layer in self.lora_layers.values():
-            layer.m, layer.cached_factors = None, None
+    def aux_loss(self):
+        """§4: every training-only loss term — β·KL of the gates (warmed up), and the static
+        regularizer when cfg.reg is set. Add it to the task loss: L = L_task + aux_loss()."""
+        loss = self.ib_loss()
+        if self.cfg.reg != "none":
+            loss = loss + self.cfg.reg_weight * self.reg_loss()
+        return loss
 
     def ib_loss(self):
         """§4: β·Σ_modules Σ_j KL(Bern(σ(φ_j)) ‖ Bern(π0)), warmed up over kl_warmup_steps."""
-        p = next(iter(self.lora_layers.values())).lora_A
+        self._live()
+        layers = list(self.lora_layers.values())
         if not self.cfg.ib:
-            return p.new_zeros(())
+            return layers[0].lora_A.new_zeros(())
         warm = min(1.0, self.steps / self.cfg.kl_warmup_steps) if self.cfg.kl_warmup_steps > 0 else 1.0
-        kl = bernoulli_kl(torch.stack([l.gate_logits for l in self.lora_layers.values()]), self.cfg.prior).sum()
+        kl = bernoulli_kl(torch.stack([l.gate_logits for l in layers]), self.cfg.prior).sum()
         return self.cfg.beta * warm * kl
 
+    def reg_loss(self):
+        """The appendix baselines (cfg.reg), summed over the depth neighbours of every target name."""
+        self._live()
+        return sum(neighbour_penalty(layers, chain_adjacency(depth).to(layers[0].lora_A.device), self.cfg.reg)
+                   for layers, depth in self.groups.values())
+
     def step(self):
-        """Call once per optimizer step: advances the KL warm-up and, every K steps, the semantic edges."""
+        """Call once per optimizer step (on every rank): advances the KL warm-up and, every K steps,
+        the semantic edges."""
+        self._live()
         self.steps += 1
-        K = self.cfg.semantic_every
-        if not self.graphs or K <= 0:
-            return
         armed = any(l.sketch_P is not None for l in self.lora_layers.values())
         for graph in self.graphs.values():
             if armed:
                 graph.rebuild_semantic_edges()
-            if self.steps % K == 0:
+        self._arm_if_due()
+
+    def _arm_if_due(self):
+        K = self.cfg.semantic_every
+        if K > 0 and self.steps > 0 and self.steps % K == 0 and self.cfg.edges != "chain":
+            for graph in self.graphs.values():
                 graph.arm_sketches()  # the next training backward fills the sketches
 
     def trainable_parameters(self):
+        self._live()
         return [p for p in self.parameters() if p.requires_grad]
 
     def control_parameters(self):
-        """The gate logits φ and the smoothing logits ψ: a few numbers per layer that decide which
-        directions stay open and how much layers mix."""
+        """The gate logits φ and the coordinators' parameters (η's ψ, or Θ): few numbers per layer
+        that decide which directions stay open and how much layers mix."""
+        self._live()
         return [l.gate_logits for l in self.lora_layers.values() if l.gate_logits is not None] + \
-            [g.eta_logit for g in self.graphs.values()]
+            [p for g in self.graphs.values() for p in g.coordinator.parameters()]
 
     def param_groups(self, lr, control_lr, weight_decay):
-        """AdamW groups: LoRA factors and modules_to_save at `lr` with weight decay; φ and ψ at
-        `control_lr` without it. [OURS] Adam moves a parameter by about lr per step, so at lr = 5e-3 a
-        gate logit (init 2.2, pruned below 0) cannot close in a run of a few hundred steps."""
+        """AdamW groups: LoRA factors and modules_to_save at `lr` with weight decay; φ and the
+        coordinators at `control_lr` without it. [OURS] Adam moves a parameter by about lr per step, so
+        at lr = 5e-3 a gate logit (init 2.2, pruned below 0) cannot close in a few hundred steps."""
         control = {id(p) for p in self.control_parameters()}
         groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in control],
                    "lr": lr, "weight_decay": weight_decay},
@@ -429,6 +547,7 @@ class StructLoRA(nn.Module):
     def mask_directions(self, keep, rule, generator=None):
         """Filter baselines (§5): fix each layer's mask to keep[name] directions, those with the largest
         ‖b_j‖·‖a_j‖ = ‖b_j a_jᵀ‖_F (rule "norm", top-k-norm) or random ones (rule "random")."""
+        self._live()
         if self.cfg.ib:
             raise ValueError("mask_directions() replaces the IB gate: use it with ib=False")
         if rule not in ("norm", "random"):
@@ -448,96 +567,117 @@ class StructLoRA(nn.Module):
 
     def open_directions(self):
         """Directions kept at eval per adapted layer: σ(φ) ≥ prune_below, or the fixed mask without IB."""
+        self._live()
         return {n: int((torch.sigmoid(l.gate_logits) >= self.cfg.prune_below).sum()) if l.gate_logits is not None
                 else int(l.mask.sum()) for n, l in self.lora_layers.items()}
 
     @torch.no_grad()
     def diagnostics(self):
-        """Per graph: η, semantic edges, drift energy and adjacent cosine before/after smoothing."""
-        self._clear_caches()
-        was = self.training
-        self.eval()
-        out = {key: g.diagnostics() for key, g in self.graphs.items()}
-        self.train(was)
-        return out
+        """Per graph: the coordinator, every edge (i < j), drift energy and adjacent cosine before/after it."""
+        self._live()
+        return {key: g.diagnostics() for key, g in self.graphs.items()}
 
     @torch.no_grad()
     def merge_and_unload(self):
-        """W0 ← W0 + ΔW^f (deterministic gates, one smoothing step); returns the plain base model."""
-        self._clear_caches()
+        """W0 ← W0 + ΔW^f (deterministic gates, the coordinator); returns the plain base model and
+        retires this wrapper (every later call raises)."""
+        self._live()
         self.eval()
         deltas = {name: layer.delta_weight() for name, layer in self.lora_layers.items()}
         for name, layer in self.lora_layers.items():
             layer.base.weight += deltas[name].to(layer.base.weight.dtype)
             parent, _, leaf = name.rpartition(".")
-            setattr(_get_module(self.model, parent), leaf, layer.base)
-        self._hook.remove()
+            setattr(self.model.get_submodule(parent), leaf, layer.base)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self.requires_grad_before[n])
-        model, self.lora_layers = self.model, {}
+        model = self.model
+        self.merged, self.lora_layers, self.groups = True, {}, {}
+        self._modules.clear()  # the old wrapper owns nothing: an optimizer built from it gets no parameters
         return model
 
-    def adapter_state_dict(self):
-        """Everything training changed: LoRA factors, masks, gate logits, η and edges, modules_to_save."""
+    def adapter_state(self):
+        """(tensors, meta): everything training changed and needs to continue exactly — LoRA factors,
+        masks, gate logits, coordinator parameters, edges, the sketch EMA, the step count — and the
+        modules_to_save."""
+        self._live()
         sd = {}
         for name, layer in self.lora_layers.items():
             sd[f"{name}.lora_A"], sd[f"{name}.lora_B"], sd[f"{name}.mask"] = layer.lora_A, layer.lora_B, layer.mask
             if layer.gate_logits is not None:
                 sd[f"{name}.gate_logits"] = layer.gate_logits
         for key, graph in self.graphs.items():
-            sd[f"graphs.{key}.eta_logit"], sd[f"graphs.{key}.adj"] = graph.eta_logit, graph.adj
+            sd[f"graphs.{key}.adj"] = graph.adj
+            sd.update({f"graphs.{key}.coordinator.{k}": v for k, v in graph.coordinator.state_dict().items()})
+            if graph.sketch_ema is not None:
+                sd[f"graphs.{key}.sketch_ema"] = graph.sketch_ema
         for mod in self.cfg.modules_to_save:
-            sd.update({f"{mod}.{k}": v for k, v in _get_module(self.model, mod).state_dict().items()})
-        return {k: v.detach() for k, v in sd.items()}
+            sd.update({f"{mod}.{k}": v for k, v in self.model.get_submodule(mod).state_dict().items()})
+        meta = {"format": "structlora", "config": asdict(self.cfg), "layers": self._shapes(), "steps": self.steps}
+        return {k: v.detach() for k, v in sd.items()}, meta
+
+    def _shapes(self):
+        return {n: [l.base.out_features, l.base.in_features] for n, l in self.lora_layers.items()}
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors, meta):
+        """Loads adapter_state() output; the layers, shapes and config must match exactly. Resets the
+        training state (sketches, edges, step) to the saved one."""
+        self._live()
+        if meta["layers"] != self._shapes():
+            diff = sorted(set(map(str, meta["layers"].items())) ^ set(map(str, self._shapes().items())))
+            raise ValueError(f"adapter was trained on other layers/shapes: {diff[:8]}")
+        saved = StructLoRAConfig(**meta["config"])
+        if saved != self.cfg:
+            diff = {k: (v, getattr(self.cfg, k)) for k, v in asdict(saved).items() if v != getattr(self.cfg, k)}
+            raise ValueError(f"adapter has another config (saved, ours): {diff}; "
+                             "use StructLoRA.from_pretrained(model, path)")
+        own, _ = self.adapter_state()
+        sketch = {f"graphs.{key}.sketch_ema" for key in self.graphs}
+        missing, unexpected = sorted(set(own) - sketch - set(tensors)), sorted(set(tensors) - set(own) - sketch)
+        bad = [k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape]
+        if missing or unexpected or bad:
+            raise ValueError(f"adapter: missing {missing[:8]}, unexpected {unexpected[:8]}, mis-shaped {bad[:8]}")
+        for k, v in own.items():
+            if k not in sketch:
+                v.copy_(tensors[k])  # detach() shares storage with the parameters and buffers
+        for key, graph in self.graphs.items():
+            graph.set_edges(graph.adj)
+            ema = tensors.get(f"graphs.{key}.sketch_ema")
+            graph.sketch_ema = None if ema is None else ema.detach().float().cpu().clone()
+        for layer in self.lora_layers.values():
+            layer.sketch_P, layer.sketch = None, None
+        self.steps = meta["steps"]
+        self._arm_if_due()
 
     def save_adapter(self, path):
         """Writes adapter_model.safetensors and adapter_config.json into the folder `path`."""
         from safetensors.torch import save_file
+        tensors, meta = self.adapter_state()
         os.makedirs(path, exist_ok=True)
-        save_file({k: v.cpu().contiguous() for k, v in self.adapter_state_dict().items()},
-                  os.path.join(path, ADAPTER_WEIGHTS))
-        shapes = {n: [l.base.out_features, l.base.in_features] for n, l in self.lora_layers.items()}
-        with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
-            json.dump({"format": "structlora", "config": asdict(self.cfg), "layers": shapes, "steps": self.steps},
-                      f, indent=1)
+        weights, config = os.path.join(path, ADAPTER_WEIGHTS), os.path.join(path, ADAPTER_CONFIG)
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, weights + ".tmp")
+        with open(config + ".tmp", "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(weights + ".tmp", weights), os.replace(config + ".tmp", config)  # a killed save keeps the old files
 
-    @torch.no_grad()
     def load_adapter(self, path):
-        """Loads a save_adapter() folder; the model's adapted layers and shapes must match it exactly."""
+        """Loads a save_adapter() folder (see load_adapter_state)."""
         from safetensors.torch import load_file
-        saved = read_adapter_config(path)
-        ours = {n: [l.base.out_features, l.base.in_features] for n, l in self.lora_layers.items()}
-        if saved["layers"] != ours:
-            diff = sorted(set(map(str, saved["layers"].items())) ^ set(map(str, ours.items())))
-            raise ValueError(f"adapter at {path} was trained on other layers/shapes: {diff[:8]}")
-        if StructLoRAConfig(**saved["config"]) != self.cfg:
-            raise ValueError(f"adapter at {path} has another config; use StructLoRA.from_pretrained(model, path)")
-        tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS))
-        own = self.adapter_state_dict()
-        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
-        bad = [k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape]
-        if missing or unexpected or bad:
-            raise ValueError(f"adapter {path}: missing {missing[:8]}, unexpected {unexpected[:8]}, "
-                             f"mis-shaped {bad[:8]}")
-        for k, v in own.items():
-            v.copy_(tensors[k])  # detach() shares storage with the parameters and buffers
-        for graph in self.graphs.values():
-            graph.update_neighbours()
-        self.steps = saved.get("steps", 0)
+        meta = read_adapter_config(path)
+        self.load_adapter_state(load_file(os.path.join(path, ADAPTER_WEIGHTS)), meta)
 
     @classmethod
-    def from_pretrained(cls, model, path):
+    def from_pretrained(cls, model, path, coordinator=None):
         """Builds StructLoRA on `model` with the saved config, then loads the saved adapter."""
-        saved = read_adapter_config(path)
-        slora = cls(model, StructLoRAConfig(**saved["config"]))
+        slora = cls(model, StructLoRAConfig(**read_adapter_config(path)["config"]), coordinator)
         slora.load_adapter(path)
         return slora
 
     @torch.no_grad()
     def export_peft(self, path):
-        """Writes ΔW^f as a plain PEFT LoRA adapter: rank r·(deg+1) per layer, pruned directions dropped."""
+        """Writes ΔW^f as a plain PEFT LoRA adapter: rank K·r per layer, pruned directions dropped."""
         from safetensors.torch import save_file
-        self._clear_caches()
+        self._live()
         self.eval()
         tensors, ranks = {}, {}
         for name, layer in self.lora_layers.items():
@@ -549,7 +689,7 @@ class StructLoRA(nn.Module):
             tensors[f"base_model.model.{name}.lora_B.weight"] = B[:, keep].contiguous().cpu()
             ranks[name] = int(keep.sum())
         for mod in self.cfg.modules_to_save:
-            for k, v in _get_module(self.model, mod).state_dict().items():
+            for k, v in self.model.get_submodule(mod).state_dict().items():
                 tensors[f"base_model.model.{mod}.{k}"] = v.contiguous().cpu()
         os.makedirs(path, exist_ok=True)
         save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
@@ -570,10 +710,15 @@ def _get_module(model, name):
         raise ValueError(f"module {name!r} not found in {type(model).__name__}") from None
 
 
-def inject_lora(model, cfg):
-    """Replaces every nn.Linear whose last name component is in target_modules by a LoRALinear."""
+def find_targets(model, cfg):
+    """[(path, nn.Linear)] to adapt, in depth order; refuses a config that cannot apply cleanly."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
         raise ValueError("model already has LoRA layers; merge_and_unload() first or use a fresh model")
+    for name in cfg.modules_to_save:
+        _get_module(model, name)
+    paths = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(m), []).append(n)
     hits = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in cfg.target_modules]
     not_linear = [n for n, m in hits if type(m) is not nn.Linear]
     if not_linear:
@@ -583,21 +728,36 @@ def inject_lora(model, cfg):
     if missing:
         names = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ValueError(f"target_modules {missing} match no nn.Linear; the model's nn.Linear names are {names}")
+    shared = [paths[id(m)] for _, m in hits if len(paths[id(m)]) > 1]
+    if shared:
+        raise ValueError(f"one nn.Linear is reachable at several paths {shared[0]}; adapting it at one path would "
+                         "leave the others plain. Untie it, or leave it out of target_modules")
+    overlap = [n for n, _ in hits if any(n == s or n.startswith(s + ".") for s in cfg.modules_to_save)]
+    if overlap:
+        raise ValueError(f"modules_to_save contain adapted layers {overlap[:8]}")
+    return hits
+
+
+def inject_lora(model, targets, cfg):
+    """Replaces every target nn.Linear by a LoRALinear wrapping it."""
     gen = torch.Generator().manual_seed(cfg.seed)
     layers = {}
-    for name, base in hits:
+    for name, base in targets:
         parent, _, leaf = name.rpartition(".")
         layers[name] = LoRALinear(base, cfg, gen)
-        setattr(_get_module(model, parent), leaf, layers[name])
+        setattr(model.get_submodule(parent), leaf, layers[name])
     return layers
 
 
 def group_layers(lora_layers):
-    """One graph per target name (and shape, so that neighbours' factors stack), in depth order."""
-    groups = {}
+    """One group per target name (and shape, so that neighbours' factors stack), in depth order, with
+    each layer's depth = its position among all adapted layers of that target name."""
+    groups, seen = {}, {}
     for name, layer in lora_layers.items():
-        key = (name.rpartition(".")[2], layer.base.out_features, layer.base.in_features)
-        groups.setdefault(key, []).append(layer)
+        leaf = name.rpartition(".")[2]
+        depth = seen[leaf] = seen.get(leaf, -1) + 1
+        layers, depths = groups.setdefault((leaf, layer.base.out_features, layer.base.in_features), ([], []))
+        layers.append(layer), depths.append(depth)
     names = [k[0] for k in groups]
     return {(k[0] if names.count(k[0]) == 1 else f"{k[0]}_{k[1]}x{k[2]}"): v for k, v in groups.items()}
 

@@ -53,22 +53,40 @@ def test_only_adapter_parameters_train_and_base_stays_bit_identical():
     assert not torch.equal(slora.model.head.weight, base.head.weight)  # modules_to_save did train
 
 
-def dense_reference(slora, target, gates, eta, adj):
-    """(W0 + ΔW^f) from the paper's formulas, by hand in float64 numpy: no code from structlora."""
-    layers = [(n, l) for n, l in slora.lora_layers.items() if n.endswith(target)]
-    n = len(layers)
-    a = adj + np.eye(n)
-    a_hat = a / a.sum(1, keepdims=True)  # D^-1 (A + I)
-    c = (1 - eta) * np.eye(n) + eta * a_hat
-    dW = [l.scaling * l.lora_B.detach().numpy() @ np.diag(gates[name]) @ l.lora_A.detach().numpy()
-          for name, l in layers]
-    return {name: l.base.weight.detach().numpy() + sum(c[i, j] * dW[j] for j in range(n))
-            for i, (name, l) in enumerate(layers)}
+def sources_nearest_first(adj, i, hops):
+    """Nodes within `hops` edges of i, by (distance, index): the order in which a layer draws its sources' gates."""
+    dist = {i: 0}
+    for h in range(1, hops + 1):
+        for j in [j for j in dist if dist[j] == h - 1]:
+            for k in np.flatnonzero(adj[j]):
+                dist.setdefault(int(k), h)
+    return sorted(dist, key=lambda j: (dist[j], j))
 
 
+def dense_reference(layers, adj, gates, cfg, coordinator_params):
+    """ΔW^f of every node from the paper's formulas, by hand in float64 numpy: no code from structlora.
+    gates[i][s]: the gate vector layer i applied to source s's directions."""
+    n, T, I = len(layers), cfg.graph_layers, np.eye(len(layers))
+    a_hat = (adj + I) / (adj + I).sum(1, keepdims=True)  # D^-1 (A + I)
+    Bs = [l.lora_B.detach().numpy() for l in layers]
+    As = [l.lora_A.detach().numpy() for l in layers]
+    sc = layers[0].scaling
+    if cfg.coordinator == "smooth":  # ΔW^f = C^T·ΔW̃ with C = (1-η)I + ηÂ, per consumer's gate samples
+        C = np.linalg.matrix_power((1 - coordinator_params) * I + coordinator_params * a_hat, T)
+        return [sum(C[i, s] * sc * Bs[s] @ np.diag(gates[i].get(s, 0 * As[s][:, 0])) @ As[s] for s in range(n))
+                for i in range(n)]
+    act = np.tanh if cfg.gcn_activation == "tanh" else (lambda z: z)
+    H = [[Bs[s] if j == s else np.zeros_like(Bs[s]) for s in range(n)] for j in range(n)]  # h_j on source s
+    for theta in coordinator_params:  # h_j ← h_j + σ(Σ_k (Â − I)_jk h_k Θ), every node, every source
+        H = [[H[j][s] + act(sum((a_hat - I)[j, k] * H[k][s] for k in range(n)) @ theta) for s in range(n)]
+             for j in range(n)]
+    return [sum(H[i][s] @ np.diag(sc * gates[i].get(s, 0 * As[s][:, 0])) @ As[s] for s in range(n)) for i in range(n)]
+
+
+@pytest.mark.parametrize("coordinator,T", [("smooth", 1), ("smooth", 2), ("smooth", 3), ("gcn", 1), ("gcn", 2)])
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_factor_form_equals_dense_coordinated_update(mode):
-    _, slora = make(semantic_every=0)
+def test_factor_form_equals_dense_coordinated_update(mode, coordinator, T):
+    _, slora = make(semantic_every=0, coordinator=coordinator, graph_layers=T)
     randomize_adapters(slora)
     slora.double()
     graph = slora.graphs["q_proj"]
@@ -76,29 +94,31 @@ def test_factor_form_equals_dense_coordinated_update(mode):
     adj[0, 3] = adj[3, 0] = 1.0  # a semantic edge 0–3, by hand
     graph.set_edges(adj)
     slora.train(mode == "train")
-    inputs = {}
-    hooks = [l.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, (i[0], o)))
-             for n, l in slora.lora_layers.items()]
-    slora(torch.randn(2, 5, 16, dtype=torch.float64))
-    for h in hooks:
-        h.remove()
-    gates = {}
-    for name, l in slora.lora_layers.items():
-        if mode == "train":
-            gates[name] = l.m.detach().numpy()  # the sample this forward used
+    adj, gates, outs = adj.numpy(), [], []
+    for i, layer in enumerate(graph.layers):  # each layer called directly, outside the wrapped forward
+        x = torch.randn(2, 5, 16, dtype=torch.float64)
+        torch.manual_seed(100 + i)
+        outs.append((x, layer(x)))
+        src = sources_nearest_first(adj, i, T)
+        phi = torch.stack([graph.layers[s].gate_logits for s in src]).detach().numpy()
+        if mode == "train":  # the Concrete sample comes from torch's global RNG: replay it
+            torch.manual_seed(100 + i)
+            u = torch.rand(len(src), layer.r, dtype=torch.float64).clamp(1e-6, 1 - 1e-6).numpy()
+            m = 1 / (1 + np.exp(-(phi + np.log(u) - np.log1p(-u)) / slora.cfg.tau))
         else:
-            q = 1 / (1 + np.exp(-l.gate_logits.detach().numpy()))
-            gates[name] = q * (q >= 0.5)
-    eta = graph.eta().item()
-    ref = dense_reference(slora, "q_proj", gates, eta, graph.adj.numpy())
-    for name, W in ref.items():
-        x, y = inputs[name]
-        b = slora.lora_layers[name].base.bias.detach().numpy()
-        expect = x.detach().numpy() @ W.T + b
-        np.testing.assert_allclose(y.detach().numpy(), expect, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(slora.lora_layers[name].delta_weight().detach().numpy() if mode == "eval"
-                                   else W - slora.lora_layers[name].base.weight.detach().numpy(),
-                                   W - slora.lora_layers[name].base.weight.detach().numpy(), atol=1e-12)
+            q = 1 / (1 + np.exp(-phi))
+            m = q * (q >= 0.5)
+        gates.append(dict(zip(src, m)))
+    params = graph.coordinator.eta().item() if coordinator == "smooth" else \
+        [t.detach().numpy() for t in graph.coordinator.theta]
+    ref = dense_reference(graph.layers, adj, gates, slora.cfg, params)
+    for i, layer in enumerate(graph.layers):
+        x, y = outs[i]
+        W = layer.base.weight.detach().numpy() + ref[i]
+        np.testing.assert_allclose(y.detach().numpy(), x.numpy() @ W.T + layer.base.bias.detach().numpy(),
+                                   rtol=1e-10, atol=1e-12)
+        if mode == "eval":
+            np.testing.assert_allclose(layer.delta_weight().detach().numpy(), ref[i], atol=1e-12)
 
 
 def direct_drift(H, adj):
@@ -186,7 +206,7 @@ def test_semantic_edges_join_aligned_layers():
         layer.sketch = shared.clone() if i in (0, 3) else torch.randn(16, 16, generator=g)
     slora.step()
     assert graph.adj[0, 3] == 1 and graph.adj[3, 0] == 1
-    assert graph.neighbours[0] == [0, 1, 3]
+    assert graph.sources[0] == [0, 1, 3]
     assert all(graph.adj[i, i + 1] == 1 for i in range(4))  # chain edges stay
 
 
@@ -222,7 +242,7 @@ def test_save_load_reproduces_outputs(tmp_path):
     loaded = StructLoRA.from_pretrained(copy.deepcopy(base), tmp_path / "ad").eval()
     with torch.no_grad():
         assert torch.equal(loaded(x), slora(x))
-    assert loaded.graphs["v_proj"].neighbours[0] == [0, 1, 4]
+    assert loaded.graphs["v_proj"].sources[0] == [0, 1, 4]
 
 
 def test_export_peft_matches_merged_model(tmp_path):

@@ -36,7 +36,8 @@ def randomize_adapters(slora, seed=0, scale=0.3):
             if layer.gate_logits is not None:
                 layer.gate_logits.copy_(torch.randn(layer.r, generator=g) * 2)
         for graph in slora.graphs.values():
-            graph.eta_logit.fill_(0.3)
+            for p in graph.coordinator.parameters():  # η's logit ψ, or each Θ^(t)
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.3 if p.dim() == 0 else 0.5 * torch.eye(p.shape[0])))
 
 
 def randomize(model, seed=0):
