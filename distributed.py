@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record  # noqa: F401 (the scripts' __main__)
 
 CHECKPOINT = "checkpoint.pt"
 # Arguments that say where and how a run executes, not what it trains: they may change on --resume

@@ -196,4 +196,4 @@ def summary(m, args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    distributed.record(main)(parse_args())  # under torchrun: the failing rank's error in the summary
