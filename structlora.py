@@ -106,8 +106,8 @@ class StructLoRAConfig:
 def concrete_sample(logits, tau):
     """Relaxed-Bernoulli (binary Concrete) sample, reparameterized: m = σ((φ + log u − log(1−u))/τ).
     u comes from torch's global RNG, so a seed makes it repeatable and checkpointing recomputes it."""
-    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
-    return torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    u = torch.rand_like(logits)
+    return torch.sigmoid((logits + torch.logit(u, eps=1e-6)) / tau)  # logit(u) = log u − log(1−u)
 
 
 def deterministic_gate(logits, prune_below):
@@ -155,10 +155,13 @@ class LoRALinear(nn.Module):
         self.register_buffer("mask", torch.ones(cfg.r, **kw), persistent=False)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.graph = None                        # (LayerGraph, index of this layer), set by StructLoRA
+        self.precomputed = None                  # this layer's factors, only during one no-grad eval call
         self.sketch_P, self.sketch = None, None  # §3 gradient sketch, only while armed by step()
 
     def factors(self):
-        """(B, d, A) with ΔW^f = B·diag(d)·A, computed now from the parameters (no cache)."""
+        """(B, d, A) with ΔW^f = B·diag(d)·A, computed now from the parameters."""
+        if self.precomputed is not None and not self.training and not torch.is_grad_enabled():
+            return self.precomputed  # set by StructLoRA.forward for this one eval call, then cleared
         if self.graph is None:
             return self.lora_B, self.scaling * gate_values([self], self.training)[0], self.lora_A  # §2
         graph, i = self.graph
@@ -351,7 +354,7 @@ class LayerGraph(nn.Module):
         n, dev = len(self.layers), self.layers[0].lora_A.device
         chain = chain_adjacency(depth)
         # Fixed-shape buffers, updated in place, so DDP's buffer broadcast always matches
-        self.register_buffer("adj", (torch.zeros(n, n) if cfg.edges == "semantic" else chain).to(dev))
+        self.register_buffer("adj", (torch.zeros(n, n) if cfg.edges == "semantic" else chain.clone()).to(dev))
         self.register_buffer("chain", chain.to(dev), persistent=False)
         self.register_buffer("a_hat", torch.zeros(n, n, device=dev), persistent=False)
         self.register_buffer("eye", torch.eye(n, device=dev), persistent=False)
@@ -378,6 +381,11 @@ class LayerGraph(nn.Module):
         n = len(self.layers)
         self.order.copy_(torch.tensor([s + [j for j in range(n) if j not in s] for s in self.sources]))
 
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.set_edges(self.adj)  # Â again in the new dtype (a float32 1/3 cast to float64 is not 1/3)
+        return self
+
     def source_index(self, i):
         return self.order[i, :len(self.sources[i])]
 
@@ -387,6 +395,22 @@ class LayerGraph(nn.Module):
         m = gate_values(nodes, training)                                           # §2, [K, r]
         B = self.coordinator(self, i, torch.stack([n.lora_B for n in nodes], 1))   # §3, [out, K, r]
         return B.flatten(1), nodes[0].scaling * m.flatten(), torch.cat([n.lora_A for n in nodes])
+
+    @torch.no_grad()
+    def all_factors(self):
+        """Eval under no_grad: every node's factors at once (the same values as factors(i, False)).
+        Smooth's in a few whole-graph ops — coefficients of C^T, zero beyond T hops, over the
+        nodes in each row's source order; other coordinators node by node."""
+        if not isinstance(self.coordinator, Smooth):
+            return [self.factors(i, False) for i in range(len(self.layers))]
+        K = max(map(len, self.sources))
+        idx, eta = self.order[:, :K], self.coordinator.eta()
+        C = torch.linalg.matrix_power((1 - eta) * self.eye + eta * self.a_hat, self.cfg.graph_layers)
+        m = gate_values(self.layers, False)                                              # [n, r]
+        d = (C.gather(1, idx)[:, :, None] * m[idx]).flatten(1) * self.layers[0].scaling   # [n, K·r]
+        A = torch.stack([l.lora_A for l in self.layers])[idx].flatten(1, 2)              # [n, K·r, in]
+        B = torch.stack([l.lora_B for l in self.layers])[idx].permute(0, 2, 1, 3).flatten(2)  # [n, out, K·r]
+        return list(zip(B, d, A))
 
     def arm_sketches(self):
         for layer in self.layers:
@@ -479,7 +503,16 @@ class StructLoRA(nn.Module):
 
     def forward(self, *args, **kwargs):
         self._live()
-        return self.model(*args, **kwargs)
+        if self.training or torch.is_grad_enabled() or not self.graphs:
+            return self.model(*args, **kwargs)
+        try:  # eval under no_grad: the coordinated factors once for this call, not once per layer
+            for graph in self.graphs.values():
+                for layer, f in zip(graph.layers, graph.all_factors()):
+                    layer.precomputed = f
+            return self.model(*args, **kwargs)
+        finally:
+            for layer in self.lora_layers.values():
+                layer.precomputed = None
 
     def aux_loss(self):
         """§4: every training-only loss term — β·KL of the gates (warmed up), and the static
@@ -663,6 +696,7 @@ class StructLoRA(nn.Module):
     def load_adapter(self, path):
         """Loads a save_adapter() folder (see load_adapter_state)."""
         from safetensors.torch import load_file
+        self._live()
         meta = read_adapter_config(path)
         self.load_adapter_state(load_file(os.path.join(path, ADAPTER_WEIGHTS)), meta)
 

@@ -10,7 +10,6 @@ The paper's setting (LLaMA-7B, BoolQ, GPU with internet):
 """
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -162,7 +161,7 @@ def train_loop(slora, net, opt, sched, batches, step, tok, args):
         lo, hi, w = distributed.local_part(len(pairs))
         logp = answer_logprobs(lm_forward(net), pairs[lo:hi], tok.eos_id, args)
         task = -logp.sum() * w / sum(len(a) for _, a in pairs)  # cross-entropy on the batch's answer tokens
-        loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (every training-only term)
+        loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()

@@ -210,7 +210,7 @@ def train_stage(model, slora, params, train, tok, image_id, args, stage, ckpt):
         pairs = [encode(tok, ex, n_img, image_id) for ex in batches[step]]
         forward = lambda ids, attn, at: net(ids, pixels, attention_mask=attn, logits_at=at)
         task = -answer_logprobs(forward, pairs[lo:hi], tok.eos_id, args).sum() * w / sum(len(a) for _, a in pairs)
-        loss = task + (slora.aux_loss() if slora else 0.0)  # §4: L = L_task + β·KL (every training-only term)
+        loss = task + (slora.aux_loss() if slora else 0.0)  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)

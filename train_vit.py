@@ -162,7 +162,7 @@ def train(slora, net, opt, sched, tx, ty, keep, step, args):
         with autocast(args):
             logits = net(pixels)
         task = F.cross_entropy(logits.float(), labels, reduction="sum") * w / len(batches[step])
-        loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (every training-only term)
+        loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()

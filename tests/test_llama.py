@@ -116,7 +116,9 @@ def tiny_tokenizer(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
 
 
-def test_train_llama_main_on_tiny_checkpoint(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--coordinator", "gcn", "--graph-layers", "2", "--edges", "semantic"),
+                                   ("--method", "lora+laplacian")])
+def test_train_llama_main_on_tiny_checkpoint(tmp_path, extra):
     tiny_llama(tmp_path / "ckpt", tied=True)
     tiny_tokenizer(tmp_path / "ckpt")
     rows = [{"question": f"is item {i} blue", "passage": "The sky is blue.", "answer": i % 2 == 0} for i in range(12)]
@@ -125,7 +127,7 @@ def test_train_llama_main_on_tiny_checkpoint(tmp_path):
     args = train_llama.parse_args(["--model", str(tmp_path / "ckpt"), "--task", "boolq", "--train-file",
                                    str(tmp_path / "train.jsonl"), "--eval-file", str(tmp_path / "dev.json"),
                                    "--train-samples", "0", "--no-chat-template", "--rank", "2", "--batch-size", "4",
-                                   "--epochs", "2", "--semantic-every", "1", "--out", str(tmp_path / "run")])
+                                   "--epochs", "2", "--semantic-every", "1", "--out", str(tmp_path / "run"), *extra])
     m = train_llama.main(args)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["n_train"] == 12 and saved["n_eval"] == 5 and saved["steps"] == 6

@@ -74,14 +74,15 @@ def write_conversations(root, n):
     (root / "conv.json").write_text(json.dumps(records))
 
 
-def test_train_llava_main_on_tiny_llava_checkpoint(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--coordinator", "gcn", "--edges", "chain"), ("--method", "lora+cos")])
+def test_train_llava_main_on_tiny_llava_checkpoint(tmp_path, extra):
     tiny_llava(tmp_path / "llava")
     tiny_tokenizer(tmp_path / "llava")
     write_conversations(tmp_path, 6)
     args = train_llava.parse_args(["--model", str(tmp_path / "llava"), "--data-json", str(tmp_path / "conv.json"),
                                    "--eval-json", str(tmp_path / "conv.json"), "--image-folder", str(tmp_path / "images"),
                                    "--image-size", "28", "--stage", "2", "--rank", "2", "--batch-size", "3",
-                                   "--train-samples", "0", "--semantic-every", "1", "--out", str(tmp_path / "run")])
+                                   "--train-samples", "0", "--semantic-every", "1", "--out", str(tmp_path / "run"), *extra])
     m = train_llava.main(args)
     assert m["n_train"] == 6 and m["n_eval"] == 6 and m["steps"] == 2
     assert m["merged_accuracy"] == m["accuracy"] and m["merged_prediction_agreement"] == 1.0

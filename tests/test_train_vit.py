@@ -67,6 +67,24 @@ def test_every_ablation_row_runs(tiny, tmp_path, method):
     assert m["merged_accuracy"] == m["accuracy"]
 
 
+@pytest.mark.parametrize("extra", [("--coordinator", "gcn"), ("--coordinator", "gcn", "--graph-layers", "2"),
+                                   ("--graph-layers", "3"), ("--edges", "chain"), ("--edges", "semantic"),
+                                   ("--method", "lora+cos"), ("--method", "lora+laplacian", "--reg-weight", "10")])
+def test_every_table6_row_and_static_baseline_runs(tiny, tmp_path, extra):
+    m = run(tiny, tmp_path, "--rank", "2", *extra)
+    assert m["merged_accuracy"] == m["accuracy"] and m["merged_prediction_agreement"] == 1.0
+    if "--method" in extra:  # plain LoRA plus a penalty: no graph
+        assert m["graphs"] == {} and m["args"]["method"] == extra[1]
+        return
+    d = m["graphs"]["q_proj"]
+    assert d["coordinator"] == m["args"]["coordinator"] and d["graph_layers"] == m["args"]["graph_layers"]
+    chain = [(0, 1), (1, 2)]
+    if m["args"]["edges"] == "chain":
+        assert d["edges"] == chain
+    elif m["args"]["edges"] == "hybrid":
+        assert set(chain) <= set(d["edges"])
+
+
 def test_clear_errors(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="needs --data-dir"):
         train_vit.main(train_vit.parse_args(["--dataset", "imagefolder", "--data-dir", str(tmp_path)]))

@@ -1,6 +1,7 @@
 """A small attention-shaped model with q_proj/k_proj/v_proj/o_proj in every block, for fast tests."""
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 class ToyBlock(nn.Module):
@@ -16,14 +17,18 @@ class ToyBlock(nn.Module):
 
 
 class ToyModel(nn.Module):
-    def __init__(self, d=16, n_layers=5, n_out=3):
+    def __init__(self, d=16, n_layers=5, n_out=3, checkpointing=None):
         super().__init__()
         self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(n_layers))
         self.head = nn.Linear(d, n_out)
+        self.checkpointing = checkpointing  # None, "reentrant" or "non-reentrant": recompute blocks in backward
 
     def forward(self, x):
         for block in self.blocks:
-            x = block(x)
+            if self.checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=self.checkpointing == "reentrant")
+            else:
+                x = block(x)
         return self.head(x.mean(1))
 
 
@@ -36,8 +41,8 @@ def randomize_adapters(slora, seed=0, scale=0.3):
             if layer.gate_logits is not None:
                 layer.gate_logits.copy_(torch.randn(layer.r, generator=g) * 2)
         for graph in slora.graphs.values():
-            for p in graph.coordinator.parameters():  # η's logit ψ, or each Θ^(t)
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.3 if p.dim() == 0 else 0.5 * torch.eye(p.shape[0])))
+            for p in graph.coordinator.parameters():  # η's logit ψ, each Θ^(t) (near 0.5·I), or yours
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (0.5 * torch.eye(p.shape[0]) if p.dim() == 2 else 0.3))
 
 
 def randomize(model, seed=0):

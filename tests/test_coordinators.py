@@ -1,0 +1,155 @@
+"""The coordinator's design space (the paper's Table 6 and appendix): smooth vs gcn, T layers, edge sets,
+static regularizer baselines, and the seam for a researcher's own coordinator."""
+import copy
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from structlora import StructLoRA, StructLoRAConfig
+from toy import ToyModel, randomize_adapters, rel_err
+
+
+def make(**cfg):
+    torch.manual_seed(0)
+    slora = StructLoRA(ToyModel(), StructLoRAConfig(**{"r": 4, "alpha": 8, "semantic_every": 0, **cfg})).double()
+    randomize_adapters(slora)
+    return slora
+
+
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("training", [False, True])
+def test_gcn_with_identity_and_theta_eta_I_is_smooth(T, training):
+    smooth = make(graph_layers=T)
+    gcn = make(graph_layers=T, coordinator="gcn", gcn_activation="identity")
+    for key, graph in gcn.graphs.items():
+        eta = smooth.graphs[key].coordinator.eta().item()
+        for theta in graph.coordinator.theta:
+            theta.data = eta * torch.eye(4, dtype=torch.float64)
+        graph.set_edges(smooth.graphs[key].adj)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    outs = []
+    for slora in (smooth, gcn):
+        slora.train(training)
+        torch.manual_seed(1)
+        outs.append(slora(x))
+    assert rel_err(outs[1], outs[0]) < 1e-12
+    with torch.no_grad():
+        theta = gcn.graphs["q_proj"].coordinator.theta[0]
+        theta.add_(0.1)
+    assert rel_err(gcn(x), outs[0]) > 1e-6  # Θ is used: any other Θ changes the function
+
+
+def test_gcn_theta_learns_and_merged_equals_adapted():
+    slora = make(coordinator="gcn", graph_layers=2)
+    slora.train()
+    slora(torch.randn(3, 5, 16, dtype=torch.float64)).square().mean().backward()
+    thetas = [t for g in slora.graphs.values() for t in g.coordinator.theta]
+    assert len(thetas) == 4 and all(t.grad is not None and t.grad.abs().sum() > 0 for t in thetas)
+    assert {id(t) for t in thetas} <= {id(p) for p in slora.control_parameters()}
+    slora.eval()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        adapted = slora(x)
+        merged = slora.merge_and_unload()
+        assert rel_err(merged(x), adapted) < 1e-12
+
+
+def rebuild(slora, sketches):
+    """Runs one semantic rebuild with the given per-layer sketches (fed as if a backward had filled them)."""
+    slora.step()
+    for graph in slora.graphs.values():
+        for layer, s in zip(graph.layers, sketches):
+            layer.sketch = s.clone()
+    slora.step()
+
+
+def aligned_sketches(n=5, seed=0):
+    """Every layer's sketch close to one shared direction, so every pair (adjacent or not) is aligned."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(16, 16, generator=g)
+    return [shared + 0.3 * torch.randn(16, 16, generator=g) for _ in range(n)]
+
+
+def test_edge_sets():
+    cfg = dict(semantic_every=1, semantic_topk=2, semantic_threshold=0.1)
+    chain, semantic, hybrid = (make(edges=e, **cfg) for e in ("chain", "semantic", "hybrid"))
+    g0 = semantic.graphs["q_proj"]
+    assert g0.adj.sum() == 0  # no forced depth edges: nothing mixes before the first rebuild
+    for _ in range(3):
+        for slora in (chain, semantic, hybrid):
+            rebuild(slora, aligned_sketches())
+    depth = hybrid.graphs["q_proj"].chain
+    for graph in chain.graphs.values():
+        assert torch.equal(graph.adj, graph.chain)  # chain never adds a non-adjacent edge
+    for graph in hybrid.graphs.values():
+        assert (graph.chain <= graph.adj).all() and (graph.adj > graph.chain).any()  # chain ⊂ hybrid, plus semantic
+    for graph in semantic.graphs.values():
+        assert graph.adj.sum() > 0 and (graph.adj.sum(1) <= 2).all()  # only its own top-2 picks
+    d = hybrid.diagnostics()["q_proj"]
+    adj = hybrid.graphs["q_proj"].adj
+    assert d["edges"] == [(i, j) for i in range(5) for j in range(i + 1, 5) if adj[i, j]]
+    assert d["semantic_edges"] == [(i, j) for i, j in d["edges"] if not depth[i, j]]
+
+
+def dense_updates(slora, target):
+    """ΔW̃_i = (α/r)·B_i·diag(σ(φ_i))·A_i, by hand in float64 numpy."""
+    out = []
+    for name, l in slora.lora_layers.items():
+        if name.endswith(target):
+            q = 1 / (1 + np.exp(-l.gate_logits.detach().numpy()))
+            out.append(l.scaling * l.lora_B.detach().numpy() @ np.diag(q) @ l.lora_A.detach().numpy())
+    return out
+
+
+@pytest.mark.parametrize("reg", ["cos", "laplacian"])
+def test_regularizers_equal_their_dense_definitions(reg):
+    slora = make(graph=False, reg=reg, reg_weight=0.5)
+    expect = 0.0
+    for target in ("q_proj", "v_proj"):
+        dW = dense_updates(slora, target)
+        for a, b in zip(dW, dW[1:]):  # depth neighbours
+            if reg == "laplacian":
+                expect += ((a - b) ** 2).sum()
+            else:
+                expect += 1 - (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
+    assert slora.reg_loss().item() == pytest.approx(expect, rel=1e-10)
+    assert slora.aux_loss().item() == pytest.approx(0.5 * expect + slora.ib_loss().item(), rel=1e-10)
+    with torch.no_grad():  # equal updates: both penalties vanish
+        first = next(iter(slora.lora_layers.values()))
+        for layer in slora.lora_layers.values():
+            layer.lora_A.copy_(first.lora_A), layer.lora_B.copy_(first.lora_B), layer.gate_logits.copy_(first.gate_logits)
+    assert abs(slora.reg_loss().item()) < 1e-9
+    slora.reg_loss().backward()  # and it is differentiable in the factors
+    assert first.lora_B.grad is not None
+
+
+def readme_block(heading):
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = text.split(heading, 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_custom_coordinator_example_runs_and_coordinates():
+    scope = {}
+    exec(readme_block("## Add your own coordinator"), scope)
+    torch.manual_seed(0)
+    model = ToyModel()
+    slora = StructLoRA(model, StructLoRAConfig(r=4, coordinator="custom", graph_layers=2,
+                                                    semantic_every=0), coordinator=scope["HopWeights"])
+    randomize_adapters(slora)
+    x = torch.randn(2, 5, 16)
+    slora.train()
+    slora(x).square().mean().backward()
+    params = [p for g in slora.graphs.values() for p in g.coordinator.parameters()]
+    assert params and all(p.grad is not None for p in params)
+    slora.eval()
+    with torch.no_grad():
+        adapted = slora(x)
+        alone = copy.deepcopy(slora)
+        for g in alone.graphs.values():  # a graph without edges: the coordinator has nothing to mix
+            g.set_edges(torch.zeros_like(g.adj))
+        assert rel_err(alone(x), adapted) > 1e-4
+        assert rel_err(slora.merge_and_unload()(x), adapted) < 1e-5
