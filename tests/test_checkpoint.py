@@ -84,3 +84,29 @@ def test_resume_of_another_run_names_the_difference(tiny, tmp_path):
             run(tiny, tmp_path / "b", "--method", "ib", "--resume", str(tmp_path / "a"), *extra)
     with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
         run(tiny, tmp_path / "b", "--resume", str(tmp_path / "nothing"))
+
+
+def test_llava_killed_in_stage_2_resumes_both_stages_exactly(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import train_llava
+    from test_llama import tiny_tokenizer
+    from test_llava import tiny_llava, write_conversations
+    tiny_llava(tmp_path / "llava")
+    tiny_tokenizer(tmp_path / "llava")
+    write_conversations(tmp_path, 7)
+    argv = ["--model", str(tmp_path / "llava"), "--data-json", str(tmp_path / "conv.json"), "--eval-json",
+            str(tmp_path / "conv.json"), "--image-folder", str(tmp_path / "images"), "--image-size", "28",
+            "--stage", "both", "--rank", "2", "--batch-size", "4", "--train-samples", "0", "--epochs", "2",
+            "--semantic-every", "1", "--save-every", "1"]
+    train_llava.main(train_llava.parse_args(argv + ["--out", str(tmp_path / "whole")]))
+    with monkeypatch.context() as m:
+        kill_at(m, StructLoRA, "step", 3)  # stage 2, step 3 of 4
+        with pytest.raises(Killed):
+            train_llava.main(train_llava.parse_args(argv + ["--out", str(tmp_path / "killed")]))
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["stage"], ckpt["step"]) == ("2", 2)
+    train_llava.main(train_llava.parse_args(argv + ["--resume", str(tmp_path / "killed")]))
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert_same(resumed["adapter"][0], whole["adapter"][0])
+    assert_same(resumed["projector"], whole["projector"])
