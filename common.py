@@ -1,5 +1,5 @@
-"""What train_vit.py and train_llama.py share: the --method switch, StructLoRA's options, the LR
-schedule and autocast."""
+"""What the training scripts share: the --method switch, StructLoRA's options, the export flags,
+the LR schedule and autocast."""
 import argparse
 import math
 from contextlib import nullcontext
@@ -45,6 +45,13 @@ def add_method_args(p, rank=8):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+
+
+def add_export_args(p):
+    p.add_argument("--save-merged", action="store_true",
+                   help="write OUT/merged/: the merged model as a Hugging Face folder (transformers, llama.cpp)")
+    p.add_argument("--export-peft", action="store_true",
+                   help="write OUT/peft_adapter/: ΔW^f as a PEFT LoRA adapter on the Hugging Face base model")
 
 
 def structlora_config(args, total_steps, modules_to_save=()):

@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: F40
 
 CHECKPOINT = "checkpoint.pt"
 # Arguments that say where and how a run executes, not what it trains: they may change on --resume
-FREE_ON_RESUME = {"out", "resume", "save_every", "device", "fsdp", "grad_checkpointing", "generations",
+FREE_ON_RESUME = {"out", "resume", "save_every", "device", "fsdp", "grad_checkpointing", "generations", "export_peft",
                   "eval_samples", "test_samples", "merged_eval_samples", "save_merged"}
 
 

@@ -306,13 +306,19 @@ class Smooth(nn.Module):
         self.eta_logit = nn.Parameter(torch.tensor(psi, device=graph.adj.device))
 
     def eta(self):
-        return self.eta_max * torch.sigmoid(self.eta_logit)
+        eta = torch.sigmoid(self.eta_logit)
+        return eta if self.eta_max == 1 else self.eta_max * eta
 
     def forward(self, graph, i, B):
-        eta, v = self.eta(), graph.eye[i]
-        for _ in range(self.T):
-            v = (1 - eta) * v + eta * (v @ graph.a_hat)  # row i of C^t
-        return B * v[graph.source_index(i)][:, None]     # B'_s = (C^T)_is·B_s
+        eta, K = self.eta(), B.shape[1]
+        if self.T == 1:  # row i of C = I − η·L over i's sources (i first): e_0 − η·L_i,sources
+            c = graph.eye[0, :K] - eta * graph.lap[i, :K]
+        else:
+            v = graph.eye[i]
+            for _ in range(self.T):
+                v = v - eta * (v - v @ graph.a_hat)  # row i of C^t = (1−η)·v + η·v·Â
+            c = v[graph.source_index(i)]
+        return B * c[:, None]  # B'_s = (C^T)_is·B_s
 
 
 class GCN(nn.Module):
@@ -359,6 +365,7 @@ class LayerGraph(nn.Module):
         self.register_buffer("a_hat", torch.zeros(n, n, device=dev), persistent=False)
         self.register_buffer("eye", torch.eye(n, device=dev), persistent=False)
         self.register_buffer("order", torch.zeros(n, n, dtype=torch.long, device=dev), persistent=False)
+        self.register_buffer("lap", torch.zeros(n, n, device=dev), persistent=False)  # L = I − Â, row i in i's source order
         self.sketch_ema = None
         g = torch.Generator().manual_seed(seed)
         self.P = torch.randn(self.layers[0].base.in_features, cfg.sketch_dim, generator=g) / math.sqrt(cfg.sketch_dim)
@@ -380,6 +387,7 @@ class LayerGraph(nn.Module):
         self.sources, self.counts = hop_order(self.adj, self.cfg.graph_layers)
         n = len(self.layers)
         self.order.copy_(torch.tensor([s + [j for j in range(n) if j not in s] for s in self.sources]))
+        self.lap.copy_((self.eye - self.a_hat).gather(1, self.order))
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -708,9 +716,12 @@ class StructLoRA(nn.Module):
         return slora
 
     @torch.no_grad()
-    def export_peft(self, path):
-        """Writes ΔW^f as a plain PEFT LoRA adapter: rank K·r per layer, pruned directions dropped."""
+    def export_peft(self, path, rename=None, base_model_name_or_path=None):
+        """Writes ΔW^f as a plain PEFT LoRA adapter: rank K·r per layer, pruned directions dropped.
+        `rename` maps our module paths (adapted layers, modules_to_save) to those of the model PEFT will
+        load it on, e.g. the Hugging Face class of the same checkpoint."""
         from safetensors.torch import save_file
+        rename = rename or (lambda name: name)
         self._live()
         self.eval()
         tensors, ranks = {}, {}
@@ -719,12 +730,12 @@ class StructLoRA(nn.Module):
             keep = d != 0
             if not keep.any():
                 keep[0] = True  # PEFT needs rank ≥ 1; this direction's d is 0
-            tensors[f"base_model.model.{name}.lora_A.weight"] = (d[keep, None] * A[keep]).contiguous().cpu()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = B[:, keep].contiguous().cpu()
-            ranks[name] = int(keep.sum())
+            tensors[f"base_model.model.{rename(name)}.lora_A.weight"] = (d[keep, None] * A[keep]).contiguous().cpu()
+            tensors[f"base_model.model.{rename(name)}.lora_B.weight"] = B[:, keep].contiguous().cpu()
+            ranks[rename(name)] = int(keep.sum())
         for mod in self.cfg.modules_to_save:
             for k, v in self.model.get_submodule(mod).state_dict().items():
-                tensors[f"base_model.model.{mod}.{k}"] = v.contiguous().cpu()
+                tensors[f"base_model.model.{rename(mod)}.{k}"] = v.contiguous().cpu()
         os.makedirs(path, exist_ok=True)
         save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
         r0 = next(iter(ranks.values()))
@@ -732,7 +743,8 @@ class StructLoRA(nn.Module):
                   "rank_pattern": {f"^{n}$": k for n, k in ranks.items()},
                   "alpha_pattern": {f"^{n}$": k for n, k in ranks.items()},  # scaling α/r = 1: d is inside A
                   "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
-                  "modules_to_save": list(self.cfg.modules_to_save) or None}
+                  "modules_to_save": [rename(m) for m in self.cfg.modules_to_save] or None,
+                  "base_model_name_or_path": base_model_name_or_path}
         with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=1)
 

@@ -18,9 +18,11 @@ import torch
 from tqdm import tqdm
 
 import distributed
-from common import DTYPES, add_method_args, optimizer, parameter_counts, print_adapter_summary, structlora_config
+from common import (DTYPES, add_export_args, add_method_args, optimizer, parameter_counts, print_adapter_summary,
+                    structlora_config)
 from lm_scoring import answer_logprobs, candidate_scores
-from models.llama import load_llama, load_tokenizer
+from models.hub import base_name, module_renamer
+from models.llama import OFFLINE, hf_key, load_llama, load_tokenizer, save_pretrained
 from structlora import StructLoRA
 from text_data import load_text_task
 
@@ -46,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward (7B)")
     add_method_args(p, rank=8)
     p.add_argument("--generations", type=int, default=3, help="greedy generations to print")
-    p.add_argument("--out", default="runs/llama")
+    p.add_argument("--out", default="runs/llama", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
+    add_export_args(p)
     distributed.add_args(p)
     return p.parse_args(argv)
 
@@ -133,9 +136,14 @@ def main(args):
     eval_s = time.time() - t0
     if distributed.is_main():
         slora.save_adapter(os.path.join(args.out, "adapter"))
+        if args.export_peft:  # before the merge, which spends the wrapper
+            slora.export_peft(os.path.join(args.out, "peft_adapter"), rename=module_renamer(hf_key),
+                              base_model_name_or_path=base_name(args.model, OFFLINE))
     open_dirs, diag = slora.open_directions(), slora.diagnostics()
     merged = distributed.merge(slora, args, base)
     merged_acc, merged_picks = evaluate(merged, test, tok, args, "eval merged")
+    if args.save_merged and distributed.is_main():
+        save_pretrained(merged, os.path.join(args.out, "merged"), args.model)
     metrics = {
         "task": args.task, "split": split, "accuracy": acc, "merged_accuracy": merged_acc,
         "merged_prediction_agreement": sum(a == b for a, b in zip(picks, merged_picks)) / len(test),

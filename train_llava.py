@@ -22,13 +22,16 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import distributed
-from common import DTYPES, add_method_args, optimizer, print_adapter_summary, structlora_config
+from common import DTYPES, add_export_args, add_method_args, optimizer, print_adapter_summary, structlora_config
 from data import to_pixels
+from models import llama as llama_mod
+from models import llava as llava_mod
+from models.hub import base_name, module_renamer
 from models.llama import load_llama, load_tokenizer
 from models.llava import Llava, load_llava
 from models.vit import load_vit
-from structlora import StructLoRA
 from lm_scoring import answer_logprobs, candidate_scores, next_token_logits
+from structlora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, StructLoRA
 
 IMAGE = "<image>"
 
@@ -53,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--grad-checkpointing", action="store_true")
     add_method_args(p, rank=8)
-    p.add_argument("--out", default="runs/llava")
+    p.add_argument("--out", default="runs/llava", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
+    add_export_args(p)
     distributed.add_args(p)
     return p.parse_args(argv)
 
@@ -273,12 +277,16 @@ def stage2(model, tok, image_id, train, test, metrics, args, ckpt):
     if distributed.is_main():
         slora.save_adapter(os.path.join(args.out, "adapter"))
         save_projector(model, args)
+        if args.export_peft:  # before the merge, which spends the wrapper
+            export_peft(slora, model, args)
     metrics.update(open_directions=slora.open_directions(), graphs=slora.diagnostics())
     if args.fsdp:  # merge into a fresh unsharded VLM with the trained projector (see distributed.merge)
         projector = model.projector.state_dict()
         model = build_model(args)[0].to(args.device)
         model.projector.load_state_dict(projector)
     distributed.merge(slora, args, lambda: model.language_model)  # in place: now the plain decoder
+    if args.save_merged and distributed.is_main():
+        llava_mod.save_pretrained(model, os.path.join(args.out, "merged"), args.model or args.llm)
     merged_acc, merged_preds = evaluate(model, test, tok, image_id, args, "eval merged")
     metrics.update(accuracy=acc, merged_accuracy=merged_acc, steps=total, n_train=len(train), n_eval=len(test),
                    merged_prediction_agreement=sum(a == b for a, b in zip(preds, merged_preds)) / len(test))
@@ -294,6 +302,29 @@ def save_projector(model, args):
         os.makedirs(args.out, exist_ok=True)
         save_file({k: v.contiguous().cpu() for k, v in model.projector.state_dict().items()},
                   os.path.join(args.out, "projector.safetensors"))
+
+
+def export_peft(slora, model, args):
+    """The decoder's ΔW^f as a PEFT adapter under transformers' names. On a LLaVA checkpoint the base
+    is LlavaForConditionalGeneration and the trained projector goes with it (modules_to_save); on the
+    DINOv2 LLaVA built here the base is the decoder alone (the projector is in projector.safetensors)."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(args.out, "peft_adapter")
+    if not args.model:
+        slora.export_peft(path, rename=module_renamer(llama_mod.hf_key),
+                          base_model_name_or_path=base_name(args.llm, llama_mod.OFFLINE))
+        return
+    rename = module_renamer(lambda k: llava_mod.hf_key("language_model." + llama_mod.hf_key(k)))
+    slora.export_peft(path, rename=rename, base_model_name_or_path=base_name(args.model, {}))
+    projector = module_renamer(llava_mod.hf_key)("projector")
+    tensors = load_file(os.path.join(path, ADAPTER_WEIGHTS))
+    tensors.update({f"base_model.model.{projector}.{k}": v.contiguous().cpu() for k, v in model.projector.state_dict().items()})
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        config = json.load(f)
+    config["modules_to_save"] = (config["modules_to_save"] or []) + [projector]
+    with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+        json.dump(config, f, indent=1)
 
 
 def finish(metrics, args):

@@ -11,16 +11,17 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import distributed
-from common import add_method_args, autocast, optimizer, parameter_counts, print_adapter_summary, structlora_config
+from common import (add_export_args, add_method_args, autocast, optimizer, parameter_counts, print_adapter_summary,
+                    structlora_config)
 from data import few_shot, load_dataset, to_pixels
-from models.vit import load_vit
+from models.hub import base_name
+from models.vit import OFFLINE, hf_module, load_vit, save_pretrained
 from structlora import StructLoRA
 
 
@@ -47,8 +48,8 @@ def parse_args(argv=None):
                         "keeping as many directions per layer as the run in --keep-from")
     p.add_argument("--keep-from", default=None, help="run folder of an ib/structlora run (its metrics.json)")
     p.add_argument("--mask-at", type=float, default=0.5, help="share of training steps after which the mask is fixed")
-    p.add_argument("--out", default="runs/vit", help="run folder: metrics.json, adapter/, merged/")
-    p.add_argument("--save-merged", action="store_true", help="also write the merged model's weights")
+    p.add_argument("--out", default="runs/vit", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
+    add_export_args(p)
     distributed.add_args(p)
     return p.parse_args(argv)
 
@@ -125,6 +126,9 @@ def main(args):
     eval_s = time.time() - t0
     if distributed.is_main():
         slora.save_adapter(os.path.join(args.out, "adapter"))
+        if args.export_peft:  # before the merge, which spends the wrapper
+            slora.export_peft(os.path.join(args.out, "peft_adapter"), rename=lambda m: hf_module(m, model.cfg),
+                              base_model_name_or_path=base_name(args.model, OFFLINE))
     open_dirs, diag = slora.open_directions(), slora.diagnostics()
     merged = distributed.merge(slora, args, base)
     n_merged = len(eval_x) if args.merged_eval_samples <= 0 else min(args.merged_eval_samples, len(eval_x))
@@ -175,12 +179,7 @@ def train(slora, net, opt, sched, tx, ty, keep, step, args):
 
 def write_outputs(metrics, merged, args):
     if args.save_merged:
-        from safetensors.torch import save_file
-        os.makedirs(os.path.join(args.out, "merged"), exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in merged.state_dict().items()},
-                  os.path.join(args.out, "merged", "model.safetensors"))
-        with open(os.path.join(args.out, "merged", "vit_config.json"), "w") as f:
-            json.dump(asdict(merged.cfg), f, indent=1)
+        save_pretrained(merged, os.path.join(args.out, "merged"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.hub import load_into, load_safetensors, read_config, resolve
+from models.hub import hf_name, load_into, load_safetensors, read_config, resolve
 from models.vit import Attention, resample_pos_embed
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -36,6 +36,13 @@ class CLIPVisionConfig:
                    dim=hf["hidden_size"], depth=hf["num_hidden_layers"], heads=hf["num_attention_heads"],
                    mlp_dim=hf["intermediate_size"], eps=hf.get("layer_norm_eps", 1e-5),
                    act=hf.get("hidden_act", "quick_gelu"))
+
+    def to_hf_config(self):
+        """config.json of transformers' CLIPVisionModel: each field from_hf_config reads, written back."""
+        return {"model_type": "clip_vision_model", "image_size": self.image_size, "patch_size": self.patch_size,
+                "num_channels": self.channels, "hidden_size": self.dim, "num_hidden_layers": self.depth,
+                "num_attention_heads": self.heads, "intermediate_size": self.mlp_dim, "layer_norm_eps": self.eps,
+                "hidden_act": self.act}
 
 
 def quick_gelu(x):
@@ -96,6 +103,14 @@ for _hf, _ours in [("self_attn.q_proj", "attn.q_proj"), ("self_attn.k_proj", "at
                    ("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2")]:
     for _p in ("weight", "bias"):
         HF_TO_OURS[f"encoder.layers.{{}}.{_hf}.{_p}"] = f"blocks.{{}}.{_ours}.{_p}"
+
+
+def hf_state_dict(model):
+    """model.state_dict() under CLIPVisionModel's names: the table backwards; the position grid is an
+    nn.Embedding table there."""
+    out = {"vision_model." + hf_name(k, HF_TO_OURS): v for k, v in model.state_dict().items()}
+    out["vision_model.embeddings.position_embedding.weight"] = model.pos_embed[0]
+    return out
 
 
 def clip_state(state, cfg):

@@ -71,6 +71,45 @@ def rename(key, table):
     return table.get(key)
 
 
+def hf_name(key, table, accept=lambda hf: True):
+    """Our name -> the Hugging Face name: `table` read backwards. `accept` picks one HF name where
+    several share our name (ViT's and DINOv2's layer names both map to norm1, mlp.fc1, ...)."""
+    m = re.search(r"\.(\d+)\.", key)
+    pattern = key[:m.start()] + ".{}." + key[m.end():] if m else key
+    hits = [hf for hf, ours in table.items() if ours == pattern and accept(hf)]
+    if len(hits) != 1:
+        raise KeyError(f"{key} has {len(hits)} Hugging Face names in the table: {hits}")
+    return hits[0].format(m.group(1)) if m else hits[0]
+
+
+def module_renamer(key_fn):
+    """Our module path -> the Hugging Face one, from a parameter-name renamer (a module is named as its weight is)."""
+    return lambda name: key_fn(name + ".weight").removesuffix(".weight")
+
+
+def base_name(source, offline):
+    """What an exported adapter names as its base model: the hub id, the absolute folder, or for an
+    offline source the folder it was converted into (a Hugging Face folder transformers loads)."""
+    if source in offline:
+        return resolve(source, offline)
+    return os.path.abspath(source) if os.path.exists(source) else source
+
+
+def save_folder(folder, config, state, copy_from=None, files=()):
+    """A Hugging Face checkpoint folder: config.json, model.safetensors (a tensor shared by two keys,
+    e.g. tied embeddings, must appear once), and `files` copied from the folder `copy_from` where present."""
+    import shutil
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, os.path.join(folder, "model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    for name in files:
+        if copy_from and os.path.isfile(os.path.join(copy_from, name)):
+            shutil.copy(os.path.join(copy_from, name), os.path.join(folder, name))
+
+
 def load_into(model, state, table, prefixes=(), ignore=(), skip=()):
     """Renames `state` with `table` and copies it into `model`; any missing, unexpected or
     mis-shaped key stops with its name. Keys matching `ignore` (regexes) are dropped, our keys in

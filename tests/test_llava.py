@@ -91,15 +91,19 @@ def test_train_llava_main_on_tiny_llava_checkpoint(tmp_path, extra):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
 
 
-def test_train_llava_builds_a_vlm_and_runs_both_stages(tmp_path):
-    pytest.importorskip("easy_vqa")
-    tiny_llama(tmp_path / "llm", tied=True)
-    tiny_tokenizer(tmp_path / "llm")
+def tiny_vlm_parts(root):
+    """A tiny Llama (+ tokenizer) and a tiny DINOv2 in `root`, as train_llava arguments that build a VLM."""
+    tiny_llama(root / "llm", tied=True)
+    tiny_tokenizer(root / "llm")
     cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                                     image_size=28, patch_size=14)
-    transformers.Dinov2Model(cfg).save_pretrained(tmp_path / "vision")
-    args = train_llava.parse_args(["--vision", str(tmp_path / "vision"), "--llm", str(tmp_path / "llm"),
-                                   "--image-size", "28", "--train-samples", "8", "--eval-samples", "6",
+    transformers.Dinov2Model(cfg).save_pretrained(root / "vision")
+    return ["--vision", str(root / "vision"), "--llm", str(root / "llm"), "--image-size", "28"]
+
+
+def test_train_llava_builds_a_vlm_and_runs_both_stages(tmp_path):
+    pytest.importorskip("easy_vqa")
+    args = train_llava.parse_args([*tiny_vlm_parts(tmp_path), "--train-samples", "8", "--eval-samples", "6",
                                    "--batch-size", "4", "--rank", "2", "--method", "lora", "--out", str(tmp_path / "run")])
     m = train_llava.main(args)
     assert m["stage1_steps"] == 2 and m["merged_accuracy"] == m["accuracy"]

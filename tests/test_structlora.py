@@ -183,14 +183,16 @@ def test_kl_matches_torch_distributions():
         torch.testing.assert_close(bernoulli_kl(logits, prior), ref.double())
 
 
-def test_gradient_sketch_equals_weight_gradient_times_P():
+@pytest.mark.parametrize("checkpointing", [None, "non-reentrant", "reentrant"])
+def test_gradient_sketch_equals_weight_gradient_times_P(checkpointing):
     _, slora = make(semantic_every=1)
+    slora.model.checkpointing = checkpointing  # recomputation must neither lose nor double the sketch
     randomize_adapters(slora)
     for layer in slora.lora_layers.values():
         layer.base.weight.requires_grad_(True)  # only to get the reference gradient ∂L/∂W
     slora.step()  # arms the sketches
     slora.train()
-    slora(torch.randn(3, 5, 16)).square().sum().backward()
+    slora(torch.randn(3, 5, 16, requires_grad=True)).square().sum().backward()
     for name, layer in slora.lora_layers.items():
         ref = layer.base.weight.grad @ layer.sketch_P
         torch.testing.assert_close(layer.sketch, ref, rtol=1e-4, atol=1e-5)
@@ -281,8 +283,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         StructLoRA(slora.model, StructLoRAConfig())
 
 
-def test_bf16_autocast_forward_and_backward():
-    _, slora = make()
+@pytest.mark.parametrize("coordinator", ["smooth", "gcn"])
+def test_bf16_autocast_forward_and_backward(coordinator):
+    _, slora = make(coordinator=coordinator, graph_layers=2)
     randomize_adapters(slora)
     x = torch.randn(2, 5, 16)
     slora.eval()  # deterministic gates, so both passes compute the same function
