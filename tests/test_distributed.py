@@ -166,9 +166,12 @@ def test_failing_rank_fails_the_whole_run(tmp_path):
     assert time.time() - t0 < 80
 
 
-def test_batch_size_the_world_does_not_divide_stops_before_training(llama, monkeypatch):
+def test_batch_size_the_world_does_not_divide_and_fsdp_without_torchrun_stop_first(llama, monkeypatch):
     root, argv = llama
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--batch-size 3 is not a multiple of the 2 processes"):
         train_llama.main(train_llama.parse_args(argv + ["--batch-size", "3", "--out", str(root / "odd")]))
     assert not (root / "odd").exists()
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="--fsdp shards over processes: launch with torchrun"):
+        train_llama.main(train_llama.parse_args(argv + ["--fsdp", "--out", str(root / "odd")]))
