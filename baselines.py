@@ -93,6 +93,24 @@ class Baseline(nn.Module):
     def diagnostics(self):
         return {}
 
+    def adapter_state(self):
+        """(tensors, meta) for checkpoints: the trained parameters and the step count."""
+        tensors = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        return tensors, {"format": "baseline", "method": self.method, "steps": self.steps}
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors, meta):
+        if meta.get("format") != "baseline" or meta["method"] != self.method:
+            raise ValueError(f"checkpoint holds {meta.get('method', meta.get('format'))!r}, not {self.method!r}")
+        if self.method == "adalora":  # its sensitivity EMAs live in peft's RankAllocator, not in parameters
+            raise ValueError("resuming AdaLoRA is not supported: peft's rank allocator state is not saved")
+        own = dict(self.named_parameters())
+        if set(tensors) != {n for n, p in own.items() if p.requires_grad}:
+            raise ValueError(f"checkpoint parameters differ: {sorted(set(tensors) ^ set(own))[:8]}")
+        for n, v in tensors.items():
+            own[n].copy_(v)
+        self.steps = meta["steps"]
+
     def save_adapter(self, path):
         os.makedirs(path, exist_ok=True)
         if self.method == "head":

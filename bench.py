@@ -144,6 +144,77 @@ def memory_table(model_name, args):
     return {v: {"peak_bytes": p, "memory_ratio": p / peaks["lora"]} for v, p in peaks.items()}
 
 
+def sharding_worker(mode, rank, device):
+    """One torchrun rank: StructLoRA on the LLaMA default under DDP or FSDP2 (mode "fsdp"), three
+    training steps on this rank's part of the batch. Rank 0 prints every rank's memory as JSON: after
+    loading (each rank loads the whole base), after DDP / FSDP2 took the model, and the peak of the steps."""
+    import distributed
+    args = argparse.Namespace(device=device, fsdp=mode == "fsdp", batch_size=4)
+    distributed.setup(args)
+    base, ids, _, save = base_model("llama", args.device)
+    slora, aux, params, hook = wrap(base, "structlora", rank, save)
+    del base
+    loaded = memory_now(args.device)
+    net = distributed.wrap(slora, slora.model.layers, args)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    sharded = memory_now(args.device, reset_peak=True)
+    lo, hi, w = distributed.local_part(len(ids))
+    for _ in range(3):
+        logits = net(ids[lo:hi])[:, :-1]
+        task = F.cross_entropy(logits.flatten(0, 1), ids[lo:hi, 1:].flatten(), reduction="sum") * w / ids[:, 1:].numel()
+        (task + aux()).backward()
+        distributed.sync_gradients(opt, args)
+        opt.step(), opt.zero_grad(set_to_none=True), hook()
+    mine = {"loaded_bytes": loaded, "wrapped_bytes": sharded, "peak_bytes": memory_now(args.device, peak=True)}
+    ranks = [None] * distributed.world()
+    torch.distributed.all_gather_object(ranks, mine)
+    if distributed.is_main():
+        print(json.dumps(ranks))
+    distributed.cleanup()
+
+
+def memory_now(device, reset_peak=False, peak=False):
+    """Bytes in use now (or the peak since the last reset): allocated on GPU, resident (VmRSS / VmHWM) on
+    CPU, where writing 5 to /proc/self/clear_refs resets the peak."""
+    if device.startswith("cuda"):
+        used = torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats()
+        return used
+    with open("/proc/self/status") as f:
+        used = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:" if peak else "VmRSS:"))
+    if reset_peak:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    return used
+
+
+def sharding_table(args, world=2):
+    """Memory per rank of StructLoRA on the LLaMA default with `world` processes, DDP vs --fsdp."""
+    out = {}
+    for mode in ("ddp", "fsdp"):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+               __file__, "--sharding-worker", mode, str(args.rank), "--device", args.device]
+        # glibc would keep the freed all-gather buffers of FSDP mapped (its mmap threshold grows after each
+        # free), and RSS would measure the allocator; a fixed threshold returns them, as the CUDA allocator does
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        run = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800, env=env)
+        out[mode] = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"  {mode}: " + ", ".join(f"rank {r}: " + ", ".join(f"{k[:-6]} {v / 2**20:.0f} MiB" for k, v in m.items())
+                                       for r, m in enumerate(out[mode])), flush=True)
+    return out
+
+
+def sharding_markdown(res):
+    if not res.get("sharding"):
+        return ""
+    rows = [f"| {mode} | " + " | ".join(" / ".join(f"{v / 2**20:.0f}" for v in m.values()) for m in ranks) + " |"
+            for mode, ranks in res["sharding"].items()]
+    return ("\nStructLoRA on the LLaMA default, 2 processes, memory per rank in MiB (after loading / after DDP or "
+            "FSDP2 took the model / peak of 3 training steps):\n\n| | rank 0 | rank 1 |\n|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
 class ToyStack(nn.Module):
     def __init__(self, d, n_layers):
         super().__init__()
@@ -285,13 +356,16 @@ def main():
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--pairs", type=int, default=40, help="interleaved rounds of timed steps")
     p.add_argument("--target", type=float, default=1.03, help="step-time ratio to decide against")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: memory,eval,inference,scaling")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: memory,sharding,eval,inference,scaling")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "VARIANT", "RANK"), help=argparse.SUPPRESS)
+    p.add_argument("--sharding-worker", nargs=2, metavar=("MODE", "RANK"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_worker:
         return memory_worker(args.memory_worker[0], args.memory_worker[1], int(args.memory_worker[2]), args.device)
+    if args.sharding_worker:
+        return sharding_worker(args.sharding_worker[0], int(args.sharding_worker[1]), args.device)
     args.models, args.variants, skip = args.models.split(","), args.variants.split(","), args.skip.split(",")
     if "lora" not in args.variants:
         raise SystemExit("--variants must include lora: every ratio is against it")
@@ -303,6 +377,8 @@ def main():
     print("peak memory (a fresh subprocess per method):")
     res["memory"] = {m: memory_table(m, args) if "memory" not in skip else
                      {v: {"memory_ratio": float("nan")} for v in args.variants} for m in args.models}
+    print("memory per rank under torchrun, DDP vs --fsdp (LLaMA default, 2 processes):")
+    res["sharding"] = sharding_table(args) if "sharding" not in skip and "llama" in args.models else {}
     print("unmerged eval (interleaved pairs):")
     res["unmerged_eval"] = unmerged_eval_pairs(args) if "eval" not in skip else {}
     print("inference:")
@@ -313,7 +389,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(res, f, indent=1)
-    table = markdown(res, args) + f"\nCommand: `{res['command']}`\n"
+    table = markdown(res, args) + sharding_markdown(res) + f"\nCommand: `{res['command']}`\n"
     with open(os.path.join(args.out, "bench.md"), "w") as f:
         f.write(table)
     print(table)

@@ -9,6 +9,7 @@ import torch
 from baselines import BASELINES
 from structlora import StructLoRA, StructLoRAConfig
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of a frozen base
 # --method -> (ib, graph, reg): the paper's four ablation rows and the appendix's two static baselines
 METHODS = {"lora": (False, False, "none"), "ib": (True, False, "none"), "graph": (False, True, "none"),
            "structlora": (True, True, "none"), "lora+cos": (False, False, "cos"),

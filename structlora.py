@@ -435,7 +435,8 @@ class LayerGraph(nn.Module):
         s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches] +
                         [torch.full(shape, float(all(x is not None for x in sketches)), device=dev)])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(s)  # sums; cosines do not care, the EMA sees one consistent scale
+            dist.all_reduce(s)  # the ranks' average: with DDP's loss scaling, the one-process sketch
+            s /= dist.get_world_size()
         s, filled = s[:-1].cpu(), s[-1, 0, 0].item()
         if filled == 0:
             return  # no training backward ran since the sketches were armed

@@ -10,7 +10,6 @@ The paper's setting (LLaMA-7B, BoolQ, GPU with internet):
 """
 import argparse
 import json
-import math
 import os
 import random
 import time
@@ -18,14 +17,14 @@ import time
 import torch
 from tqdm import tqdm
 
-from common import (add_export_args, add_method_args, autocast, optimizer, parameter_counts, print_adapter_summary,
+import distributed
+from common import (DTYPES, add_export_args, add_method_args, optimizer, parameter_counts, print_adapter_summary,
                     structlora_config)
+from lm_scoring import answer_logprobs, candidate_scores
 from models.hub import base_name, module_renamer
 from models.llama import OFFLINE, hf_key, load_llama, load_tokenizer, save_pretrained
 from structlora import StructLoRA
 from text_data import load_text_task
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -51,6 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--generations", type=int, default=3, help="greedy generations to print")
     p.add_argument("--out", default="runs/llama", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
     add_export_args(p)
+    distributed.add_args(p)
     return p.parse_args(argv)
 
 
@@ -66,67 +66,25 @@ def encode(tok, ex, args, candidate=None):
     return prompt, answer
 
 
-def collate(pairs, pad_id):
-    """Right-padded input_ids, attention_mask, and a mask of the positions that predict answer tokens."""
-    T = max(len(p) + len(a) for p, a in pairs)
-    ids = torch.full((len(pairs), T), pad_id)
-    attn = torch.zeros(len(pairs), T, dtype=torch.long)
-    target = torch.zeros(len(pairs), T, dtype=torch.bool)
-    for i, (p, a) in enumerate(pairs):
-        n = len(p) + len(a)
-        ids[i, :n], attn[i, :n] = torch.tensor(p + a), 1
-        target[i, len(p) - 1:n - 1] = True  # position t predicts token t + 1
-    return ids, attn, target
-
-
 def lm_forward(model):
     """forward(input_ids, attention_mask, logits_at) -> logits, the form the scoring helpers take."""
     return lambda ids, attn, at: model(ids, attention_mask=attn, logits_at=at)
 
 
-def answer_logprobs(forward, pairs, pad_id, args):
-    """Σ log p(answer tokens | prompt) for each (prompt ids, answer ids) pair."""
-    ids, attn, target = (t.to(args.device) for t in collate(pairs, pad_id))
-    with autocast(args):
-        logits = forward(ids, attn, target)
-    labels = ids[:, 1:][target[:, :-1]]
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, labels[:, None])[:, 0]
-    rows = target.nonzero()[:, 0]
-    return torch.zeros(len(pairs), device=lp.device).index_add_(0, rows, lp)
-
-
-def candidate_scores(forward, prompts, cand_ids, pad_id, args):
-    """Scores of each prompt's candidates. When the candidates' first tokens all differ (yes/no,
-    true/false, the easy-VQA answers), one forward per prompt and log p(first token | prompt): exact
-    for single-token answers, and the choice greedy decoding would make. Otherwise the full
-    log p(candidate | prompt), one forward per (prompt, candidate), in prompt-major order."""
-    if all(len({c[0] for c in cs}) == len(cs) for cs in cand_ids):
-        ids, attn, _ = collate([(p, []) for p in prompts], pad_id)
-        last = torch.zeros_like(attn, dtype=torch.bool)
-        last[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])] = True
-        with autocast(args):
-            logits = forward(ids.to(args.device), attn.to(args.device), last.to(args.device))
-        logp = torch.log_softmax(logits.float(), -1).cpu()
-        return [logp[i, [c[0] for c in cs]] for i, cs in enumerate(cand_ids)]
-    pairs = [(p, c) for p, cs in zip(prompts, cand_ids) for c in cs]
-    flat, out, k = answer_logprobs(forward, pairs, pad_id, args).cpu(), [], 0
-    for cs in cand_ids:
-        out.append(flat[k:k + len(cs)])
-        k += len(cs)
-    return out
-
-
 @torch.no_grad()
 def evaluate(model, examples, tok, args, desc):
-    """Accuracy of picking the candidate answer with the highest log-likelihood; and the picks."""
+    """Accuracy of picking the candidate answer with the highest log-likelihood, and the picks; each
+    rank scores its part of every batch."""
     model.eval()
     picks = []
-    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False):
-        batch = examples[i:i + args.batch_size]
+    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False, disable=not distributed.is_main()):
+        lo, hi, w = distributed.local_part(len(examples[i:i + args.batch_size]))
+        batch = examples[i + lo:i + hi]
         prompts = [encode(tok, ex, args)[0] for ex in batch]
         cand_ids = [[tok.encode(c, add_bos=False) for c in ex["candidates"]] for ex in batch]
-        for ex, scores in zip(batch, candidate_scores(lm_forward(model), prompts, cand_ids, tok.eos_id, args)):
-            picks.append(ex["candidates"][int(scores.argmax())])
+        scores = candidate_scores(lm_forward(model), prompts, cand_ids, tok.eos_id, args)
+        picks += [(i + lo + j, ex["candidates"][int(s.argmax())]) for j, (ex, s) in enumerate(zip(batch, scores)) if w]
+    picks = distributed.gather(picks)
     acc = sum(p == ex["answer"] for p, ex in zip(picks, examples)) / len(examples)
     return acc, picks
 
@@ -143,6 +101,8 @@ def generations(model, examples, tok, args):
 def main(args):
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
+    distributed.setup(args)
+    ckpt = distributed.load_checkpoint(args)
     torch.manual_seed(args.seed)
     train, test = load_text_task(args.task, args.data_dir, args.train_file, args.eval_file)
     rng = random.Random(args.seed)
@@ -152,67 +112,84 @@ def main(args):
     if args.train_samples > 0:
         train = train[:args.train_samples]
     test = test[:args.eval_samples] if args.eval_samples > 0 else test
+    # one process's global batches: each epoch's order drawn from one generator, skipped steps included
+    batches = [order[i:i + args.batch_size] for order in (rng.sample(train, len(train)) for _ in range(args.epochs))
+               for i in range(0, len(train), args.batch_size)]
     tok = load_tokenizer(args.model)
-    model = load_llama(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    base = lambda: load_llama(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    model = base()
     model.grad_checkpointing = args.grad_checkpointing
-    total = math.ceil(len(train) / args.batch_size) * args.epochs
-    slora = StructLoRA(model, structlora_config(args, total))
-    opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
+    slora = StructLoRA(model, structlora_config(args, len(batches)))
+    opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, len(batches))
+    step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
     n_train, n_all = parameter_counts(slora)
     split = "holdout" if args.holdout > 0 else "test"
-    print(f"{args.method} r={args.rank} on {args.model}: {len(train)} training examples, {len(test)} {split} "
-          f"examples, {n_train:,} trainable parameters ({100 * n_train / n_all:.3f}%)")
+    if distributed.is_main():
+        print(f"{args.method} r={args.rank} on {args.model}: {len(train)} training examples, {len(test)} {split} "
+              f"examples, {n_train:,} trainable parameters ({100 * n_train / n_all:.3f}%)")
 
     t0 = time.time()
-    bar = tqdm(total=total, desc="train")
-    for epoch in range(args.epochs):
-        slora.train()
-        order = rng.sample(train, len(train))
-        for i in range(0, len(order), args.batch_size):
-            pairs = [encode(tok, ex, args) for ex in order[i:i + args.batch_size]]
-            logp = answer_logprobs(lm_forward(slora), pairs, tok.eos_id, args)
-            task = -logp.sum() / sum(len(a) for _, a in pairs)  # cross-entropy on answer tokens only
-            loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
-            loss.backward()
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
-            bar.set_postfix(epoch=epoch, loss=f"{task.item():.3f}")
-            bar.update()
-    bar.close()
+    train_loop(slora, distributed.wrap(slora, model.layers, args), opt, sched, batches, step, tok, args)
     train_s = time.time() - t0
-
     t0 = time.time()
     acc, picks = evaluate(slora, test, tok, args, "eval adapted")
     eval_s = time.time() - t0
-    gens = generations(slora.model, test, tok, args)
-    os.makedirs(args.out, exist_ok=True)
-    slora.save_adapter(os.path.join(args.out, "adapter"))
-    if args.export_peft:  # before the merge, which spends the wrapper
-        slora.export_peft(os.path.join(args.out, "peft_adapter"), rename=module_renamer(hf_key),
-                          base_model_name_or_path=base_name(args.model, OFFLINE))
+    if distributed.is_main():
+        slora.save_adapter(os.path.join(args.out, "adapter"))
+        if args.export_peft:  # before the merge, which spends the wrapper
+            slora.export_peft(os.path.join(args.out, "peft_adapter"), rename=module_renamer(hf_key),
+                              base_model_name_or_path=base_name(args.model, OFFLINE))
     open_dirs, diag = slora.open_directions(), slora.diagnostics()
-    merged = slora.merge_and_unload()
+    merged = distributed.merge(slora, args, base)
     merged_acc, merged_picks = evaluate(merged, test, tok, args, "eval merged")
-    if args.save_merged:
+    if args.save_merged and distributed.is_main():
         save_pretrained(merged, os.path.join(args.out, "merged"), args.model)
     metrics = {
         "task": args.task, "split": split, "accuracy": acc, "merged_accuracy": merged_acc,
         "merged_prediction_agreement": sum(a == b for a, b in zip(picks, merged_picks)) / len(test),
         "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(train), "n_eval": len(test),
-        "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": total,
-        "open_directions": open_dirs, "graphs": diag, "generations": gens, "args": vars(args),
+        "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": len(batches),
+        "world_size": distributed.world(), "open_directions": open_dirs, "graphs": diag, "args": vars(args),
     }
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    print(f"\n== {args.method}, rank {args.rank}, {args.model} on {args.task} ==")
-    for g in gens:
-        print(f"...{g['prompt_end']!r} -> {g['generated']!r} (answer {g['answer']!r})")
-    print(f"{split} accuracy {100 * acc:.2f}% (merged model {100 * merged_acc:.2f}%, same pick on "
-          f"{100 * metrics['merged_prediction_agreement']:.2f}% of examples)")
-    print(f"trainable {n_train:,} ({100 * n_train / n_all:.3f}%), train {train_s:.0f}s, eval {eval_s:.0f}s, {total} steps")
-    print_adapter_summary(metrics, args)
-    print(f"written to {args.out}/")
+    if distributed.is_main():
+        metrics["generations"] = generations(merged, test, tok, args)
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        summary(metrics, args)
+    distributed.cleanup()
     return metrics
 
 
+def train_loop(slora, net, opt, sched, batches, step, tok, args):
+    """Training from `step` on (0, or a checkpoint's); every rank walks the same global batches."""
+    bar = tqdm(total=len(batches), initial=step, desc="train", disable=not distributed.is_main())
+    slora.train()
+    for step in range(step, len(batches)):
+        pairs = [encode(tok, ex, args) for ex in batches[step]]
+        lo, hi, w = distributed.local_part(len(pairs))
+        logp = answer_logprobs(lm_forward(net), pairs[lo:hi], tok.eos_id, args)
+        task = -logp.sum() * w / sum(len(a) for _, a in pairs)  # cross-entropy on the batch's answer tokens
+        loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
+        loss.backward()
+        distributed.sync_gradients(opt, args)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
+        distributed.checkpoint(args, step + 1, len(batches), slora, opt, sched)
+        bar.set_postfix(epoch=step * args.epochs // len(batches), loss=f"{task.item():.3f}")
+        bar.update()
+    bar.close()
+
+
+def summary(m, args):
+    print(f"\n== {args.method}, rank {args.rank}, {args.model} on {args.task} ==")
+    for g in m["generations"]:
+        print(f"...{g['prompt_end']!r} -> {g['generated']!r} (answer {g['answer']!r})")
+    print(f"{m['split']} accuracy {100 * m['accuracy']:.2f}% (merged model {100 * m['merged_accuracy']:.2f}%, same "
+          f"pick on {100 * m['merged_prediction_agreement']:.2f}% of examples)")
+    print(f"trainable {m['trainable_params']:,} ({100 * m['trainable_share']:.3f}%), train {m['train_seconds']:.0f}s, "
+          f"eval {m['eval_seconds']:.0f}s, {m['steps']} steps on {m['world_size']} process(es)")
+    print_adapter_summary(m, args)
+    print(f"written to {args.out}/")
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    distributed.record(main)(parse_args())  # under torchrun: the failing rank's error in the summary

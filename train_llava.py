@@ -18,9 +18,11 @@ import re
 import time
 
 import torch
+import torch.nn as nn
 from tqdm import tqdm
 
-from common import add_export_args, add_method_args, autocast, optimizer, print_adapter_summary, structlora_config
+import distributed
+from common import DTYPES, add_export_args, add_method_args, optimizer, print_adapter_summary, structlora_config
 from data import to_pixels
 from models import llama as llama_mod
 from models import llava as llava_mod
@@ -28,8 +30,8 @@ from models.hub import base_name, module_renamer
 from models.llama import load_llama, load_tokenizer
 from models.llava import Llava, load_llava
 from models.vit import load_vit
+from lm_scoring import answer_logprobs, candidate_scores, next_token_logits
 from structlora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, StructLoRA
-from train_llama import DTYPES, answer_logprobs, candidate_scores
 
 IMAGE = "<image>"
 
@@ -56,6 +58,7 @@ def parse_args(argv=None):
     add_method_args(p, rank=8)
     p.add_argument("--out", default="runs/llava", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
     add_export_args(p)
+    distributed.add_args(p)
     return p.parse_args(argv)
 
 
@@ -135,74 +138,102 @@ def normalize(text):
 @torch.no_grad()
 def evaluate(model, examples, tok, image_id, args, desc):
     """Closed answer sets: the candidate with the highest log-likelihood; open ones: greedy decoding.
-    Accuracy = exact match after normalisation. Returns (accuracy, predictions)."""
+    Accuracy = exact match after normalisation. Returns (accuracy, predictions). Each rank answers its
+    part of every batch."""
     model.eval()
     cfg, n_img = model.vision_tower.cfg, (model.vision_tower.cfg.image_size // model.vision_tower.cfg.patch_size) ** 2
     preds = []
-    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False):
-        batch = examples[i:i + args.batch_size]
+    for i in tqdm(range(0, len(examples), args.batch_size), desc=desc, leave=False, disable=not distributed.is_main()):
+        lo, hi, w = distributed.local_part(len(examples[i:i + args.batch_size]))
+        batch = examples[i + lo:i + hi]
         pixels = pixels_of(batch, cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+        prompts = [encode(tok, ex, n_img, image_id)[0] for ex in batch]
         if batch[0]["candidates"]:
-            prompts = [encode(tok, ex, n_img, image_id)[0] for ex in batch]
             cands = [[tok.encode(c, add_bos=False) for c in ex["candidates"]] for ex in batch]
             if not all(len({c[0] for c in cs}) == len(cs) for cs in cands):  # one row per candidate
                 pixels = pixels.repeat_interleave(torch.tensor([len(cs) for cs in cands], device=pixels.device), 0)
             forward = lambda ids, attn, at: model(ids, pixels, attention_mask=attn, logits_at=at)
             scores = candidate_scores(forward, prompts, cands, tok.eos_id, args)
-            preds += [ex["candidates"][int(s.argmax())] for ex, s in zip(batch, scores)]
+            answers = [ex["candidates"][int(s.argmax())] for ex, s in zip(batch, scores)]
         else:
-            for ex, px in zip(batch, pixels):
-                preds.append(generate(model, encode(tok, ex, n_img, image_id)[0], px[None], tok, args))
+            answers = generate(model, prompts, pixels, tok, args)
+        preds += list(zip(range(i + lo, i + hi), answers)) if w else []
+    preds = distributed.gather(preds)
     acc = sum(normalize(p) == normalize(ex["answer"]) for p, ex in zip(preds, examples)) / len(examples)
     return acc, preds
 
 
-def generate(model, prompt, pixels, tok, args, max_new_tokens=16):
-    ids = torch.tensor([prompt], device=args.device)
-    out = []
-    for _ in range(max_new_tokens):  # no KV cache: short answers, and the image must stay in context
-        with autocast(args):
-            logits = model(ids, pixels)[0, -1].float()
-        logits[model.image_token_id] = -float("inf")  # an image slot is never an answer
-        nxt = int(logits.argmax())
-        if nxt == tok.eos_id:
+def generate(model, prompts, pixels, tok, args, max_new_tokens=16):
+    """Greedy answers of a batch, all rows extended together (no KV cache: short answers, and the image
+    must stay in context). Under --fsdp every batch runs all max_new_tokens forwards: the ranks'
+    forwards gather the shards together, so they must be as many on every rank."""
+    rows, done = [list(p) for p in prompts], [False] * len(prompts)
+    forward = lambda ids, attn, at: model(ids, pixels, attention_mask=attn, logits_at=at)
+    for _ in range(max_new_tokens):
+        logits = next_token_logits(forward, rows, tok.eos_id, args)
+        logits[:, model.image_token_id] = -float("inf")  # an image slot is never an answer
+        for row, nxt in enumerate(logits.argmax(-1).tolist()):
+            done[row] = done[row] or nxt == tok.eos_id
+            if not done[row]:
+                rows[row].append(nxt)
+        if all(done) and not args.fsdp:
             break
-        out.append(nxt)
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=args.device)], 1)
-    return tok.decode(out)
+    return [tok.decode(r[len(p):]) for r, p in zip(rows, prompts)]
 
 
-def train_stage(model, slora, params, train, tok, image_id, args, desc):
+class WithGraphs(nn.Module):
+    """The VLM and its StructLoRA wrapper as one module, so that DDP sees every trained parameter (the
+    graph coordinators live on the wrapper, outside the VLM)."""
+
+    def __init__(self, vlm, slora):
+        super().__init__()
+        self.vlm, self.slora = vlm, slora
+
+    def forward(self, *args, **kwargs):
+        return self.vlm(*args, **kwargs)
+
+
+def train_stage(model, slora, params, train, tok, image_id, args, stage, ckpt):
+    """One stage from its start or from `ckpt` (a checkpoint of this stage); every rank walks the global
+    batches of one process. Returns the number of steps."""
     cfg = model.vision_tower.cfg
     n_img = (cfg.image_size // cfg.patch_size) ** 2
-    total = math.ceil(len(train) / args.batch_size) * args.epochs
-    opt, sched = optimizer(params, args, total)  # each group carries its own lr
     rng = random.Random(args.seed)
-    bar = tqdm(total=total, desc=desc)
-    for _ in range(args.epochs):
-        model.train()
-        order = rng.sample(train, len(train))
-        for i in range(0, len(order), args.batch_size):
-            batch = order[i:i + args.batch_size]
-            pixels = pixels_of(batch, cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
-            pairs = [encode(tok, ex, n_img, image_id) for ex in batch]
-            forward = lambda ids, attn, at: model(ids, pixels, attention_mask=attn, logits_at=at)
-            task = -answer_logprobs(forward, pairs, tok.eos_id, args).sum() / sum(len(a) for _, a in pairs)
-            loss = task + (slora.aux_loss() if slora else 0.0)  # §4: L = L_task + β·KL (+ static reg)
-            loss.backward()
-            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-            if slora:
-                slora.step()
-            bar.set_postfix(loss=f"{task.item():.3f}")
-            bar.update()
+    batches = [order[i:i + args.batch_size] for order in (rng.sample(train, len(train)) for _ in range(args.epochs))
+               for i in range(0, len(train), args.batch_size)]
+    opt, sched = optimizer(params, args, len(batches))  # each group carries its own lr
+    step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
+    blocks = [*model.vision_tower.blocks, *model.language_model.layers]
+    net = distributed.wrap(model if slora is None or args.fsdp else WithGraphs(model, slora), blocks, args)
+    bar = tqdm(total=len(batches), initial=step, desc=f"stage {stage}", disable=not distributed.is_main())
+    model.train()
+    for step in range(step, len(batches)):
+        lo, hi, w = distributed.local_part(len(batches[step]))
+        batch = batches[step][lo:hi]
+        pixels = pixels_of(batch, cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+        pairs = [encode(tok, ex, n_img, image_id) for ex in batches[step]]
+        forward = lambda ids, attn, at: net(ids, pixels, attention_mask=attn, logits_at=at)
+        task = -answer_logprobs(forward, pairs[lo:hi], tok.eos_id, args).sum() * w / sum(len(a) for _, a in pairs)
+        loss = task + (slora.aux_loss() if slora else 0.0)  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
+        loss.backward()
+        distributed.sync_gradients(opt, args)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        if slora:
+            slora.step()
+        distributed.checkpoint(args, step + 1, len(batches), slora, opt, sched, stage=stage,
+                               projector=model.projector.state_dict())
+        bar.set_postfix(loss=f"{task.item():.3f}")
+        bar.update()
     bar.close()
-    return total
+    return len(batches)
 
 
 def main(args):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
+    distributed.setup(args)
+    ckpt = distributed.load_checkpoint(args)
     torch.manual_seed(args.seed)
     train, test = load_examples(args)
     rng = random.Random(args.seed)
@@ -212,49 +243,65 @@ def main(args):
     model, tok, image_id = build_model(args)
     model = model.to(args.device).requires_grad_(False)
     model.language_model.grad_checkpointing = args.grad_checkpointing
-    os.makedirs(args.out, exist_ok=True)
-    metrics, t0 = {"args": vars(args)}, time.time()
-    if args.stage in ("1", "both"):
+    metrics, t0 = {"args": vars(args), "world_size": distributed.world()}, time.time()
+    if ckpt:
+        model.projector.load_state_dict(ckpt["projector"])
+    if args.stage in ("1", "both") and not (ckpt and ckpt["stage"] == "2"):
         model.projector.requires_grad_(True)
         opt_params = [{"params": list(model.projector.parameters()), "lr": args.projector_lr}]
-        metrics["stage1_steps"] = train_stage(model, None, opt_params, train, tok, image_id, args, "stage 1 (projector)")
-        save_file({k: v.contiguous().cpu() for k, v in model.projector.state_dict().items()},
-                  os.path.join(args.out, "projector.safetensors"))
-    elif args.projector:
+        metrics["stage1_steps"] = train_stage(model, None, opt_params, train, tok, image_id, args, "1", ckpt)
+        save_projector(model, args)
+    elif args.projector and not ckpt:
         model.projector.load_state_dict(load_file(args.projector))
-    elif not args.model:
+    elif not args.model and not ckpt:
         raise ValueError("--stage 2 on a new VLM needs --projector (the stage-1 projector.safetensors)")
     metrics["stage1_seconds"] = time.time() - t0
     if args.stage == "1":
-        acc, _ = evaluate(model, test, tok, image_id, args, "eval")
-        metrics.update(accuracy=acc)
+        metrics["accuracy"], _ = evaluate(model, test, tok, image_id, args, "eval")
         return finish(metrics, args)
+    stage2(model, tok, image_id, train, test, metrics, args, ckpt if ckpt and ckpt["stage"] == "2" else None)
+    return finish(metrics, args)
 
+
+def stage2(model, tok, image_id, train, test, metrics, args, ckpt):
+    """Projector + LoRA / StructLoRA on the decoder; evaluation adapted and merged."""
     total = math.ceil(len(train) / args.batch_size) * args.epochs
     slora = StructLoRA(model.language_model, structlora_config(args, total))
     model.projector.requires_grad_(True)
     opt_params = slora.param_groups(args.lr, args.control_lr, args.weight_decay) + [
         {"params": list(model.projector.parameters()), "lr": args.projector_lr}]
     t0 = time.time()
-    train_stage(model, slora, opt_params, train, tok, image_id, args, "stage 2 (projector + adapter)")
+    train_stage(model, slora, opt_params, train, tok, image_id, args, "2", ckpt)
     metrics["stage2_seconds"] = time.time() - t0
     acc, preds = evaluate(model, test, tok, image_id, args, "eval adapted")
-    slora.save_adapter(os.path.join(args.out, "adapter"))
-    save_file({k: v.contiguous().cpu() for k, v in model.projector.state_dict().items()},
-              os.path.join(args.out, "projector.safetensors"))
-    if args.export_peft:  # before the merge, which spends the wrapper
-        export_peft(slora, model, args)
+    if distributed.is_main():
+        slora.save_adapter(os.path.join(args.out, "adapter"))
+        save_projector(model, args)
+        if args.export_peft:  # before the merge, which spends the wrapper
+            export_peft(slora, model, args)
     metrics.update(open_directions=slora.open_directions(), graphs=slora.diagnostics())
-    slora.merge_and_unload()  # in place: model.language_model is now the plain decoder
-    if args.save_merged:
+    if args.fsdp:  # merge into a fresh unsharded VLM with the trained projector (see distributed.merge)
+        projector = model.projector.state_dict()
+        model = build_model(args)[0].to(args.device)
+        model.projector.load_state_dict(projector)
+    distributed.merge(slora, args, lambda: model.language_model)  # in place: now the plain decoder
+    if args.save_merged and distributed.is_main():
         llava_mod.save_pretrained(model, os.path.join(args.out, "merged"), args.model or args.llm)
     merged_acc, merged_preds = evaluate(model, test, tok, image_id, args, "eval merged")
     metrics.update(accuracy=acc, merged_accuracy=merged_acc, steps=total, n_train=len(train), n_eval=len(test),
                    merged_prediction_agreement=sum(a == b for a, b in zip(preds, merged_preds)) / len(test))
-    with open(os.path.join(args.out, "predictions.json"), "w") as f:
-        json.dump([{"id": ex.get("id", i), "question": ex["question"], "prediction": p, "answer": ex["answer"]}
-                   for i, (ex, p) in enumerate(zip(test, preds))], f, indent=1)
-    return finish(metrics, args)
+    if distributed.is_main():
+        with open(os.path.join(args.out, "predictions.json"), "w") as f:
+            json.dump([{"id": ex.get("id", i), "question": ex["question"], "prediction": p, "answer": ex["answer"]}
+                       for i, (ex, p) in enumerate(zip(test, preds))], f, indent=1)
+
+
+def save_projector(model, args):
+    from safetensors.torch import save_file
+    if distributed.is_main():
+        os.makedirs(args.out, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in model.projector.state_dict().items()},
+                  os.path.join(args.out, "projector.safetensors"))
 
 
 def export_peft(slora, model, args):
@@ -281,20 +328,27 @@ def export_peft(slora, model, args):
 
 
 def finish(metrics, args):
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=1)
+    if distributed.is_main():
+        with open(os.path.join(args.out, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        summary(metrics, args)
+    distributed.cleanup()
+    return metrics
+
+
+def summary(metrics, args):
     print(f"\n== {args.method}, rank {args.rank}, stage {args.stage} ==")
     line = f"VQA accuracy {100 * metrics['accuracy']:.2f}%"
     if "merged_accuracy" in metrics:
         line += (f" (merged model {100 * metrics['merged_accuracy']:.2f}%, same answer on "
                  f"{100 * metrics['merged_prediction_agreement']:.2f}%)")
     print(line + f"; stage 1 {metrics['stage1_seconds']:.0f}s" +
-          (f", stage 2 {metrics['stage2_seconds']:.0f}s" if "stage2_seconds" in metrics else ""))
+          (f", stage 2 {metrics['stage2_seconds']:.0f}s" if "stage2_seconds" in metrics else "") +
+          f", {metrics['world_size']} process(es)")
     if "graphs" in metrics:
         print_adapter_summary(metrics, args)
     print(f"written to {args.out}/")
-    return metrics
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    distributed.record(main)(parse_args())  # under torchrun: the failing rank's error in the summary

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distributed
 from common import (add_export_args, add_method_args, autocast, make_adapter, optimizer, parameter_counts,
                     print_adapter_summary)
 from data import few_shot, load_dataset, to_pixels
@@ -48,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--mask-at", type=float, default=0.5, help="share of training steps after which the mask is fixed")
     p.add_argument("--out", default="runs/vit", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
     add_export_args(p)
+    distributed.add_args(p)
     return p.parse_args(argv)
 
 
@@ -64,15 +66,17 @@ def make_splits(args, ty, test_y):
 
 @torch.no_grad()
 def evaluate(model, x, y, args, cfg, desc):
+    """(accuracy, predictions); each rank classifies its part of every batch of 256."""
     model.eval()
-    correct, preds = 0, []
-    for i in tqdm(range(0, len(x), 256), desc=desc, leave=False):
-        pixels = to_pixels(x[i:i + 256], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+    preds = []
+    for i in tqdm(range(0, len(x), 256), desc=desc, leave=False, disable=not distributed.is_main()):
+        lo, hi, w = distributed.local_part(min(256, len(x) - i))
+        pixels = to_pixels(x[i + lo:i + hi], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
         with autocast(args):
             pred = model(pixels).argmax(-1).cpu()
-        preds.append(pred)
-        correct += (pred == y[i:i + 256]).sum().item()
-    return correct / len(x), torch.cat(preds)
+        preds += list(zip(range(i + lo, i + hi), pred.tolist())) if w else []
+    preds = torch.tensor(distributed.gather(preds))
+    return (preds == y).sum().item() / len(x), preds
 
 
 def read_keep(args):
@@ -92,6 +96,8 @@ def read_keep(args):
 def main(args):
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
+    distributed.setup(args)
+    ckpt = distributed.load_checkpoint(args)
     torch.manual_seed(args.seed)
     tx, ty, test_x, test_y = load_dataset(args.dataset, args.data_dir, args.image_size)
     train_idx, (split, eval_idx) = make_splits(args, ty, test_y)
@@ -99,67 +105,82 @@ def main(args):
     eval_x, eval_y = eval_x[eval_idx], eval_y[eval_idx]
     tx, ty = tx[train_idx], ty[train_idx]
     n_classes = int(max(ty.max(), eval_y.max())) + 1
-    model = load_vit(args.model, image_size=args.image_size, num_classes=n_classes).to(args.device)
-    cfg = model.cfg
-    steps_per_epoch = math.ceil(len(tx) / args.batch_size)
-    total = steps_per_epoch * args.epochs
+    base = lambda: load_vit(args.model, image_size=args.image_size, num_classes=n_classes).to(args.device)
+    model = base()
+    total = math.ceil(len(tx) / args.batch_size) * args.epochs
     slora = make_adapter(model, args, total, modules_to_save=("head",))
     opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
     keep = read_keep(args) if args.mask != "none" else None
+    step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
     n_train, n_all = parameter_counts(slora)
-    print(f"{args.method} r={args.rank} on {args.model}: {len(tx)} training images, {len(eval_x)} {split} images, "
-          f"{n_train:,} trainable parameters ({100 * n_train / n_all:.2f}%)")
+    if distributed.is_main():
+        print(f"{args.method} r={args.rank} on {args.model}: {len(tx)} training images, {len(eval_x)} {split} "
+              f"images, {n_train:,} trainable parameters ({100 * n_train / n_all:.2f}%)")
 
     t0 = time.time()
-    g = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(total=total, desc="train")
-    for epoch in range(args.epochs):
-        slora.train()
-        perm = torch.randperm(len(tx), generator=g)
-        for i in range(0, len(tx), args.batch_size):
-            if keep is not None and slora.steps == int(args.mask_at * total):  # §5 filter baselines
-                slora.mask_directions(keep, args.mask, torch.Generator().manual_seed(args.seed))
-            idx = perm[i:i + args.batch_size]
-            pixels = to_pixels(tx[idx], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
-            labels = ty[idx].to(args.device)
-            with autocast(args):
-                logits = slora(pixels)
-            task = F.cross_entropy(logits.float(), labels)
-            loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
-            loss.backward()
-            opt.step(), sched.step(), slora.step(), opt.zero_grad(set_to_none=True)  # AdaLoRA's step reads .grad
-            acc = (logits.argmax(-1) == labels).float().mean().item()
-            bar.set_postfix(epoch=epoch, loss=f"{task.item():.3f}", acc=f"{acc:.2f}")
-            bar.update()
-    bar.close()
+    train(slora, distributed.wrap(slora, model.blocks, args), opt, sched, tx, ty, keep, step, args)
     train_s = time.time() - t0
-
     t0 = time.time()
-    acc, preds = evaluate(slora, eval_x, eval_y, args, cfg, "eval adapted")
+    acc, preds = evaluate(slora, eval_x, eval_y, args, model.cfg, "eval adapted")
     eval_s = time.time() - t0
-    os.makedirs(args.out, exist_ok=True)
-    slora.save_adapter(os.path.join(args.out, "adapter"))
-    if args.export_peft:  # before the merge, which spends the wrapper
-        slora.export_peft(os.path.join(args.out, "peft_adapter"), rename=lambda m: hf_module(m, cfg),
-                          base_model_name_or_path=base_name(args.model, OFFLINE))
+    if distributed.is_main():
+        slora.save_adapter(os.path.join(args.out, "adapter"))
+        if args.export_peft:  # before the merge, which spends the wrapper
+            slora.export_peft(os.path.join(args.out, "peft_adapter"), rename=lambda m: hf_module(m, model.cfg),
+                              base_model_name_or_path=base_name(args.model, OFFLINE))
     open_dirs, diag = slora.open_directions(), slora.diagnostics()
-    merged = slora.merge_and_unload()
+    merged = distributed.merge(slora, args, base)
     n_merged = len(eval_x) if args.merged_eval_samples <= 0 else min(args.merged_eval_samples, len(eval_x))
-    merged_acc, merged_preds = evaluate(merged, eval_x[:n_merged], eval_y[:n_merged], args, cfg, "eval merged")
-    if args.save_merged:
-        save_pretrained(merged, os.path.join(args.out, "merged"))
-
+    merged_acc, merged_preds = evaluate(merged, eval_x[:n_merged], eval_y[:n_merged], args, model.cfg, "eval merged")
     metrics = {
         "split": split, "accuracy": acc, "merged_accuracy": merged_acc,
         "merged_prediction_agreement": (preds[:n_merged] == merged_preds).float().mean().item(), "n_merged": n_merged,
         "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(tx), "n_eval": len(eval_x),
         "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": total,
-        "open_directions": open_dirs, "graphs": diag, "args": vars(args),
+        "world_size": distributed.world(), "open_directions": open_dirs, "graphs": diag, "args": vars(args),
     }
+    if distributed.is_main():
+        write_outputs(metrics, merged, args)
+        summary(metrics, args)
+    distributed.cleanup()
+    return metrics
+
+
+def train(slora, net, opt, sched, tx, ty, keep, step, args):
+    """Training from `step` on (0, or a checkpoint's): every rank walks the global batches of one
+    process, each epoch a permutation from one generator (a resumed run draws the skipped ones too)."""
+    g = torch.Generator().manual_seed(args.seed)
+    batches = [perm[i:i + args.batch_size] for perm in (torch.randperm(len(tx), generator=g) for _ in range(args.epochs))
+               for i in range(0, len(tx), args.batch_size)]
+    cfg, total = slora.model.cfg, len(batches)
+    bar = tqdm(total=total, initial=step, desc="train", disable=not distributed.is_main())
+    slora.train()
+    for step in range(step, total):
+        if keep is not None and slora.steps == int(args.mask_at * total):  # §5 filter baselines
+            slora.mask_directions(keep, args.mask, torch.Generator().manual_seed(args.seed))
+        lo, hi, w = distributed.local_part(len(batches[step]))
+        idx = batches[step][lo:hi]
+        pixels = to_pixels(tx[idx], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
+        labels = ty[idx].to(args.device)
+        with autocast(args):
+            logits = net(pixels)
+        task = F.cross_entropy(logits.float(), labels, reduction="sum") * w / len(batches[step])
+        loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
+        loss.backward()
+        distributed.sync_gradients(opt, args)
+        opt.step(), sched.step(), slora.step(), opt.zero_grad(set_to_none=True)  # AdaLoRA's step reads .grad
+        distributed.checkpoint(args, step + 1, total, slora, opt, sched)
+        acc = (logits.argmax(-1) == labels).float().mean().item()
+        bar.set_postfix(epoch=step * args.epochs // total, loss=f"{task.item():.3f}", acc=f"{acc:.2f}")
+        bar.update()
+    bar.close()
+
+
+def write_outputs(metrics, merged, args):
+    if args.save_merged:
+        save_pretrained(merged, os.path.join(args.out, "merged"))
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
-    summary(metrics, args)
-    return metrics
 
 
 def summary(m, args):
@@ -173,4 +194,4 @@ def summary(m, args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    distributed.record(main)(parse_args())  # under torchrun: the failing rank's error in the summary

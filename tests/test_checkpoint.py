@@ -1,0 +1,112 @@
+"""--save-every / --resume: a run killed between or during checkpoints and resumed ends with the adapter
+of an uninterrupted run; a resume that would train something else stops and names the difference."""
+import pytest
+import torch
+
+import train_vit
+from structlora import StructLoRA
+
+from test_train_vit import tiny  # noqa: F401 (fixture)
+
+
+class Killed(Exception):
+    pass
+
+
+def run(tiny, out, *extra):
+    return train_vit.main(train_vit.parse_args([
+        "--model", str(tiny / "ckpt"), "--dataset", "imagefolder", "--data-dir", str(tiny / "data"), "--image-size",
+        "28", "--shots-per-class", "0", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--rank", "2",
+        "--semantic-every", "1", "--beta", "0.05", "--save-every", "2", "--out", str(out), *extra]))
+
+
+def kill_at(monkeypatch, obj, name, n):
+    """Makes the n-th call of obj.name raise Killed (the calls before it run as usual)."""
+    real, calls = getattr(obj, name), []
+
+    def dying(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise Killed
+        return real(*args, **kwargs)
+    monkeypatch.setattr(obj, name, dying)
+
+
+def final_adapter(out):
+    return torch.load(out / "checkpoint.pt", weights_only=True)["adapter"][0]
+
+
+def assert_same(a, b, tol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).norm() <= tol * b[k].norm(), k
+
+
+@pytest.mark.parametrize("method", ["lora", "structlora"])
+def test_killed_between_checkpoints_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch, method):
+    run(tiny, tmp_path / "whole", "--method", method)
+    with monkeypatch.context() as m:
+        kill_at(m, StructLoRA, "step", 7)  # dies in step 7 of 10: the last checkpoint is step 6's
+        with pytest.raises(Killed):
+            run(tiny, tmp_path / "killed", "--method", method)
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 6
+    m = run(tiny, tmp_path / "other_out", "--method", method, "--resume", str(tmp_path / "killed"))
+    assert m["args"]["out"] == str(tmp_path / "killed") and not (tmp_path / "other_out").exists()
+    assert_same(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"))
+    if method == "structlora":  # the state that makes resume exact exists and was restored
+        assert any("sketch_ema" in k for k in final_adapter(tmp_path / "whole"))
+
+
+def test_killed_while_saving_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):
+    run(tiny, tmp_path / "whole", "--method", "structlora")
+    with monkeypatch.context() as m:
+        real_save = torch.save
+
+        def half_written(obj, f):  # the second save dies with half a file written
+            if "step" in obj and obj["step"] == 4:
+                f.write(b"\x80\x02 half a pickle")
+                raise Killed
+            real_save(obj, f)
+        m.setattr(torch, "save", half_written)
+        with pytest.raises(Killed):
+            run(tiny, tmp_path / "killed", "--method", "structlora")
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 2
+    run(tiny, tmp_path / "killed", "--method", "structlora", "--resume", str(tmp_path / "killed"))
+    assert_same(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"))
+
+
+def test_resume_of_another_run_names_the_difference(tiny, tmp_path):
+    run(tiny, tmp_path / "a", "--method", "ib")
+    for extra, message in [(["--rank", "4"], r"--rank 2 \(this run: 4\)"),
+                           (["--method", "lora"], r"--method 'ib' \(this run: 'lora'\)"),
+                           (["--model", str(tmp_path)], r"--model '.*ckpt' \(this run: '.*'\)")]:
+        with pytest.raises(ValueError, match=message):
+            run(tiny, tmp_path / "b", "--method", "ib", "--resume", str(tmp_path / "a"), *extra)
+    with pytest.raises(FileNotFoundError, match="no checkpoint.pt"):
+        run(tiny, tmp_path / "b", "--resume", str(tmp_path / "nothing"))
+
+
+def test_llava_killed_in_stage_2_resumes_both_stages_exactly(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    import train_llava
+    from test_llama import tiny_tokenizer
+    from test_llava import tiny_llava, write_conversations
+    tiny_llava(tmp_path / "llava")
+    tiny_tokenizer(tmp_path / "llava")
+    write_conversations(tmp_path, 7)
+    argv = ["--model", str(tmp_path / "llava"), "--data-json", str(tmp_path / "conv.json"), "--eval-json",
+            str(tmp_path / "conv.json"), "--image-folder", str(tmp_path / "images"), "--image-size", "28",
+            "--stage", "both", "--rank", "2", "--batch-size", "4", "--train-samples", "0", "--epochs", "2",
+            "--semantic-every", "1", "--save-every", "1"]
+    train_llava.main(train_llava.parse_args(argv + ["--out", str(tmp_path / "whole")]))
+    with monkeypatch.context() as m:
+        kill_at(m, StructLoRA, "step", 3)  # stage 2, step 3 of 4
+        with pytest.raises(Killed):
+            train_llava.main(train_llava.parse_args(argv + ["--out", str(tmp_path / "killed")]))
+    ckpt = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["stage"], ckpt["step"]) == ("2", 2)
+    train_llava.main(train_llava.parse_args(argv + ["--resume", str(tmp_path / "killed")]))
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
+    assert_same(resumed["adapter"][0], whole["adapter"][0])
+    assert_same(resumed["projector"], whole["projector"])
