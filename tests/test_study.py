@@ -175,3 +175,13 @@ def test_best_lr_and_peer_from_held_out_runs(tmp_path, monkeypatch):
     assert study.best_peer() == "adalora"
     with pytest.raises(SystemExit, match="peft-lora"):
         study.best_lr("peft-lora")
+
+
+def test_fraction_lr_from_held_out_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    with pytest.raises(SystemExit, match="fraction-lr"):
+        study.fraction_lr()
+    rows = [{"lr": "1e-3", "seed": 0, "accuracy": 0.81}, {"lr": "2e-3", "seed": 0, "accuracy": 0.81},
+            {"lr": "5e-3", "seed": 0, "accuracy": 0.30}]
+    (tmp_path / "v2_fraction_lr.json").write_text(json.dumps(rows))
+    assert study.fraction_lr() == "1e-3"  # a tie goes to the smaller lr
