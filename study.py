@@ -599,12 +599,19 @@ def seeds_of(runs):
     return ",".join(str(s) for s in sorted({r["seed"] for r in runs}))
 
 
-def lr_table(rows):
-    lines = [[m, lr, f"{100 * statistics.mean(r['accuracy'] for r in rows if (r['method'], r['lr']) == (m, lr)):.2f}",
-              seeds_of([r for r in rows if (r["method"], r["lr"]) == (m, lr)])]
-             for m, grid in LR_GRID.items() for lr in grid if any((r["method"], r["lr"]) == (m, lr) for r in rows)]
-    return ("### Held-out lr search for the head and the peers (r = 8, 50 images/class, 1000 held-out training "
-            "images)\n\n" + table(["method", "lr", "held-out accuracy %", "seeds"], lines)), []
+def lr_table(rows, title=("Held-out lr search for the head and the peers (r = 8, 50 images/class, 1000 held-out "
+                           "training images)")):
+    cells = {}
+    for r in rows:
+        cells.setdefault((r["method"], r["lr"]), []).append(r)
+    lines = [[m, lr, f"{100 * statistics.mean(r['accuracy'] for r in runs):.2f}", runs[0]["steps"], seeds_of(runs)]
+             for (m, lr), runs in sorted(cells.items(), key=lambda kv: (kv[0][0], float(kv[0][1])))]
+    return f"### {title}\n\n" + table(["method", "lr", "held-out accuracy %", "steps", "seeds"], lines), []
+
+
+def fraction_lr_table(rows):
+    return lr_table(rows, "Held-out lr for the fractions (LoRA, r = 8, one epoch over 10% of the training images, "
+                          "1000 held-out training images)")
 
 
 def peers_table(rows):
@@ -819,7 +826,8 @@ def report_v2():
     whatever v2 runs are saved."""
     blocks, tests, seconds = {}, [], 0.0
     for name, make in (("v2_lr", lr_table), ("v2_peers", peers_table), ("v2_table6", table6_table),
-                       ("v2_fractions", fractions_table), ("v2_groundtruth", groundtruth_table)):
+                       ("v2_fraction_lr", fraction_lr_table), ("v2_fractions", fractions_table),
+                       ("v2_groundtruth", groundtruth_table)):
         rows = load_rows(name)
         if not rows:
             print(f"skipping {name}: no runs saved yet")

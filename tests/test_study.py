@@ -119,7 +119,8 @@ def synthetic_v2(rng):
     gt = [{"structure": s, "n_train": n, "method": m, "seed": seed, "test_loss": rng.random(), "relative_error": rng.random(),
            "subspace_angle": 90 * rng.random(), "train_seconds": 1.0, "eval_seconds": 0.0, "open_directions": 90, "directions": 96}
           for n in study.GT_N for s in ("smooth", "independent", "noisy") for m in study.GT_METHODS for seed in study.SEEDS]
-    return {"v2_lr": lr, "v2_peers": peers, "v2_table6": t6, "v2_fractions": frac, "v2_groundtruth": gt}
+    flr = [{"method": "lora", "lr": lr, "seed": 0, "accuracy": acc(), **diag} for lr in study.FRACTION_LRS]
+    return {"v2_lr": lr, "v2_fraction_lr": flr, "v2_peers": peers, "v2_table6": t6, "v2_fractions": frac, "v2_groundtruth": gt}
 
 
 def test_report_v2_on_synthetic_runs(tmp_path, monkeypatch):
