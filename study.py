@@ -729,7 +729,7 @@ def plot_cosine(rows, path, seed=0):
     if not all(r and "updates" in r for r in picked.values()):
         return False
     plt, keys = pyplot(), list(picked["lora"]["updates"])
-    fig, axes = plt.subplots(2, len(keys), figsize=(4.4 * len(keys), 7.6), squeeze=False)
+    fig, axes = plt.subplots(2, len(keys), figsize=(5.4 * len(keys), 8), squeeze=False)
     for i, (m, r) in enumerate(picked.items()):
         for j, key in enumerate(keys):
             c = torch.tensor(r["updates"][key]["cosine"])
