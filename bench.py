@@ -398,7 +398,7 @@ def main():
     args.models, args.variants, skip = args.models.split(","), args.variants.split(","), args.skip.split(",")
     if args.profile:
         for m in args.models:
-            prof = profile_table(m, args)
+            prof = profile_table(m, args, steps=16)
             print(f"{m}: self CPU ms per step, LoRA {prof['total_ms']['lora']:.1f}, StructLoRA "
                   f"{prof['total_ms']['structlora']:.1f}\n| op | extra calls / step | extra self ms / step |\n|---|---|---|")
             for r in prof["rows"]:
