@@ -361,6 +361,9 @@ class GCN(nn.Module):
         self.act = torch.tanh if cfg.gcn_activation == "tanh" else nn.Identity()
 
     def forward(self, graph, i, B):
+        if len(self.theta) == 1:  # T = 1: h_i on source s is δ_is·B_s + σ((Â − I)_is·B_s·Θ), i first
+            K = B.shape[1]
+            return B * graph.eye[0, :K, None] + self.act(-graph.lap[i, :K, None] * (B @ self.theta[0]))
         idx, within = graph.source_index(i), graph.counts[i]  # sources nearest first; within[h]: ≤ h hops
         T = len(self.theta)
         H = torch.einsum("js,osr->josr", graph.eye.new_ones(len(idx)).diag(), B)  # h_j^(0): B_j on source j
@@ -372,7 +375,7 @@ class GCN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# §3 the graph: nodes are the adapted layers of one target name and shape, in depth order
+# §3 the graph: nodes are the adapted layers of one role and shape, in depth order
 
 
 class LayerGraph(nn.Module):
