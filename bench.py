@@ -121,6 +121,34 @@ def training_pairs(model_name, args):
     return rows
 
 
+def profile_table(model_name, args, steps=8, top=15):
+    """Where StructLoRA's extra step time goes: torch.profiler's self CPU time per op and step,
+    StructLoRA minus LoRA, each step profiled alone and the two variants interleaved."""
+    from torch.profiler import ProfilerActivity, profile
+    base, _, loss_of, save = base_model(model_name, args.device)
+    steps_of, per_op = {}, {"lora": {}, "structlora": {}}
+    for v in per_op:
+        model, aux, params, hook = wrap(base, v, args.rank, save)
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        steps_of[v] = lambda model=model, aux=aux, opt=opt, hook=hook: (
+            (loss_of(model) + aux()).backward(), opt.step(), opt.zero_grad(set_to_none=True), hook())
+        for _ in range(2):
+            steps_of[v]()
+    for k in range(steps):
+        for v in (("lora", "structlora") if k % 2 == 0 else ("structlora", "lora")):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                steps_of[v]()
+            for e in prof.key_averages():
+                c, t = per_op[v].get(e.key, (0, 0.0))
+                per_op[v][e.key] = (c + e.count / steps, t + e.self_cpu_time_total / steps / 1e3)
+    keys = set(per_op["lora"]) | set(per_op["structlora"])
+    rows = [(k, *(a - b for a, b in zip(per_op["structlora"].get(k, (0, 0)), per_op["lora"].get(k, (0, 0)))))
+            for k in keys]
+    rows.sort(key=lambda r: -r[2])
+    total = {v: sum(t for _, t in ops.values()) for v, ops in per_op.items()}
+    return {"total_ms": total, "rows": [{"op": k, "calls": c, "self_ms": t} for k, c, t in rows[:top]]}
+
+
 def memory_worker(model_name, variant, rank, device):
     """One subprocess: three training steps of one variant; prints its peak memory as JSON."""
     base, _, loss_of, save = base_model(model_name, device)
@@ -357,6 +385,7 @@ def main():
     p.add_argument("--pairs", type=int, default=40, help="interleaved rounds of timed steps")
     p.add_argument("--target", type=float, default=1.03, help="step-time ratio to decide against")
     p.add_argument("--skip", default="", help="comma list of parts to skip: memory,sharding,eval,inference,scaling")
+    p.add_argument("--profile", action="store_true", help="only: the profiler table of StructLoRA's extra step time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "VARIANT", "RANK"), help=argparse.SUPPRESS)
@@ -367,6 +396,14 @@ def main():
     if args.sharding_worker:
         return sharding_worker(args.sharding_worker[0], int(args.sharding_worker[1]), args.device)
     args.models, args.variants, skip = args.models.split(","), args.variants.split(","), args.skip.split(",")
+    if args.profile:
+        for m in args.models:
+            prof = profile_table(m, args, steps=16)
+            print(f"{m}: self CPU ms per step, LoRA {prof['total_ms']['lora']:.1f}, StructLoRA "
+                  f"{prof['total_ms']['structlora']:.1f}\n| op | extra calls / step | extra self ms / step |\n|---|---|---|")
+            for r in prof["rows"]:
+                print(f"| {r['op']} | {r['calls']:+.0f} | {r['self_ms']:+.2f} |")
+        return
     if "lora" not in args.variants:
         raise SystemExit("--variants must include lora: every ratio is against it")
     res = {"machine": f"{os.cpu_count()} CPU cores" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),

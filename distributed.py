@@ -108,10 +108,13 @@ def wrap(module, blocks, args):
 
 def sync_gradients(opt, args):
     """--fsdp: average the gradients of the optimizer's (replicated) parameters over the ranks, one
-    all-reduce per dtype. A missing gradient counts as zero, so every rank sends the same tensors."""
+    all-reduce per dtype. A missing gradient is sent as zeros, so every rank sends the same tensors;
+    one that no rank has stays None, so AdamW skips that parameter as it would in one process."""
     if not (args.fsdp and dist.is_initialized()):
         return  # one process, or DDP did it during backward
     params = [p for g in opt.param_groups for p in g["params"]]
+    present = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(present)
     for dtype in sorted({p.dtype for p in params}, key=str):
         group = [p for p in params if p.dtype == dtype]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in group])
@@ -119,6 +122,9 @@ def sync_gradients(opt, args):
         flat /= world()
         for p, g in zip(group, flat.split([p.numel() for p in group])):
             p.grad = g.view_as(p)
+    for p, n in zip(params, present.tolist()):
+        if n == 0:
+            p.grad = None
 
 
 def merge(slora, args, fresh_base):

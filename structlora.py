@@ -23,6 +23,8 @@ weights once and returns the plain base model.
 import json
 import math
 import os
+import re
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,8 +74,10 @@ class StructLoRAConfig:
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
         self.target_modules, self.modules_to_save = tuple(self.target_modules), tuple(self.modules_to_save)
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"rank r must be a positive integer, got {self.r!r}")
+        if self.alpha <= 0 or self.beta < 0 or self.kl_warmup_steps < 0:
+            raise ValueError("need alpha > 0, beta ≥ 0 and kl_warmup_steps ≥ 0")
         if not self.target_modules:
             raise ValueError("target_modules is empty")
         if not 0 < self.prior < 1 or not 0 < self.gate_init < 1 or not 0 < self.prune_below < 1:
@@ -95,8 +99,13 @@ class StructLoRAConfig:
             raise ValueError("need 0 < eta_init < eta_max")
         if not isinstance(self.graph_layers, int) or self.graph_layers < 1:
             raise ValueError(f"graph_layers must be an integer ≥ 1, got {self.graph_layers!r}")
-        if self.semantic_topk < 0 or self.semantic_every < 0 or self.reg_weight < 0:
-            raise ValueError("semantic_topk, semantic_every and reg_weight must be ≥ 0")
+        if not isinstance(self.semantic_topk, int) or self.semantic_topk < 0 or self.semantic_every < 0 \
+                or self.reg_weight < 0 or self.sketch_dim < 1:
+            raise ValueError("semantic_topk (an integer), semantic_every and reg_weight must be ≥ 0, sketch_dim ≥ 1")
+        if not 0 <= self.sketch_ema < 1 or not -1 <= self.semantic_threshold < 1:
+            raise ValueError("need 0 ≤ sketch_ema < 1 and -1 ≤ semantic_threshold < 1 (a cosine)")
+        if self.graph and self.edges == "semantic" and (self.semantic_every == 0 or self.semantic_topk == 0):
+            raise ValueError("edges='semantic' with semantic_every=0 or semantic_topk=0 never builds an edge")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,8 +115,8 @@ class StructLoRAConfig:
 def concrete_sample(logits, tau):
     """Relaxed-Bernoulli (binary Concrete) sample, reparameterized: m = σ((φ + log u − log(1−u))/τ).
     u comes from torch's global RNG, so a seed makes it repeatable and checkpointing recomputes it."""
-    u = torch.rand_like(logits)
-    return torch.sigmoid((logits + torch.logit(u, eps=1e-6)) / tau)  # logit(u) = log u − log(1−u)
+    u = torch.rand(logits.shape, device=logits.device, dtype=torch.promote_types(logits.dtype, torch.float32))
+    return torch.sigmoid((logits + torch.logit(u, eps=1e-6)) / tau).to(logits.dtype)  # logit(u) = log u − log(1−u)
 
 
 def deterministic_gate(logits, prune_below):
@@ -118,6 +127,7 @@ def deterministic_gate(logits, prune_below):
 
 def bernoulli_kl(logits, prior):
     """KL(Bern(σ(φ)) ‖ Bern(π0)) per direction: the variational bound on I(ΔW̃; X)."""
+    logits = logits.clamp(-50, 50)  # σ(±50) is 0 or 1 in float32 already; ±inf would give 0·∞
     q = torch.sigmoid(logits)
     log_q, log_1mq = F.logsigmoid(logits), F.logsigmoid(-logits)
     return q * (log_q - math.log(prior)) + (1 - q) * (log_1mq - math.log(1 - prior))
@@ -152,7 +162,7 @@ class LoRALinear(nn.Module):
         init = math.log(cfg.gate_init / (1 - cfg.gate_init))
         self.gate_logits = nn.Parameter(torch.full((cfg.r,), init, **kw)) if cfg.ib else None
         # A fixed 0/1 mask on the directions (all ones unless mask_directions() set it: filter baselines)
-        self.register_buffer("mask", torch.ones(cfg.r, **kw), persistent=False)
+        self.register_buffer("mask", torch.ones(cfg.r, **kw))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.graph = None                        # (LayerGraph, index of this layer), set by StructLoRA
         self.precomputed = None                  # this layer's factors, only during one no-grad eval call
@@ -187,7 +197,8 @@ class LoRALinear(nn.Module):
         # §3: G·P = Σ_tokens (∂L/∂y)(Pᵀx)ᵀ, the gradient a zero-valued probe y += Z·(Pᵀx) would get.
         # Accumulated like .grad between two step() calls; recomputation under checkpointing adds no
         # second hook that fires (non-reentrant) or runs the only one (reentrant).
-        xp = x.detach().flatten(0, -2).float() @ self.sketch_P
+        with torch.autocast(x.device.type, enabled=False):  # the hook runs in backward, outside autocast
+            xp = x.detach().flatten(0, -2).float() @ self.sketch_P
 
         def hook(g):
             s = g.detach().flatten(0, -2).float().T @ xp
@@ -228,7 +239,8 @@ def semantic_adjacency(sketches, topk, threshold, exclude):
     """Edges i–j whose gradient sketches align (cosine > threshold), best first, each node taking at
     most `topk` of them; pairs where `exclude` is set (existing edges, self) are never chosen."""
     z = F.normalize(sketches.flatten(1).double(), dim=1)
-    cos = (z @ z.T).masked_fill(exclude.bool() | torch.eye(len(z), dtype=torch.bool), -2.0)
+    silent = z.norm(dim=1) == 0  # a layer no gradient has reached yet
+    cos = (z @ z.T).masked_fill(exclude.bool() | torch.eye(len(z), dtype=torch.bool) | silent[:, None] | silent, -2.0)
     adj, deg = torch.zeros_like(exclude, dtype=torch.float32), [0] * len(z)
     iu = torch.triu_indices(len(z), len(z), 1)
     for k in cos[iu[0], iu[1]].argsort(descending=True, stable=True).tolist():
@@ -272,6 +284,16 @@ def adjacent_cosine(gram):
     return cos.mean() if cos.numel() else gram.new_tensor(float("nan"))
 
 
+def check_adjacency(adj):
+    if not (torch.equal(adj, adj.T) and (adj.diagonal() == 0).all() and ((adj == 0) | (adj == 1)).all()):
+        raise ValueError("adjacency must be 0/1, symmetric, with a zero diagonal")
+    return adj
+
+
+def _edges_changed(graph, incompatible_keys):
+    graph.set_edges(graph.adj)  # after load_state_dict: Â and the sources follow the loaded edges
+
+
 def hop_order(adj, hops):
     """For each node i: the nodes within `hops` edges, nearest first (i itself first), and how many
     lie within 0, 1, …, hops edges. The sources whose updates can reach i in T message passes."""
@@ -289,10 +311,12 @@ def hop_order(adj, hops):
 
 # ----------------------------------------------------------------------------------------------
 # §3 the coordinators. A coordinator is the seam for new ideas: an nn.Module built as
-# `Coordinator(graph)` whose forward(graph, i, B) maps the un-gated B factors of node i's sources,
-# B: [out, K, r] for the K nodes graph.sources[i], to coordinated ones of the same shape.
-# Gates and A's apply after it: ΔW^f_i = Σ_s B'_s·diag((α/r)·m_s)·A_s. Its parameters train at the
-# control lr. Pass your own as StructLoRA(model, cfg, coordinator=YourClass) with coordinator="custom".
+# `Coordinator(graph)` whose forward(graph, i, B) maps the gated B factors of node i's sources,
+# B[:, k] = B_s·diag(m_s) for the K nodes s = graph.sources[i][k], [out, K, r], to coordinated ones
+# of the same shape: h^(0) = ΔW̃ in factor form. The A's apply after it, on open directions only:
+# ΔW^f_i = Σ_s B'_s·diag((α/r)·[m_s ≠ 0])·A_s, so a pruned direction (b_j, a_j) has no influence
+# whatever the coordinator mixes. Its parameters train at the control lr. Pass your own as
+# StructLoRA(model, cfg, coordinator=YourClass) with cfg.coordinator = "custom".
 
 
 class Smooth(nn.Module):
@@ -318,15 +342,16 @@ class Smooth(nn.Module):
             for _ in range(self.T):
                 v = v - eta * (v - v @ graph.a_hat)  # row i of C^t = (1−η)·v + η·v·Â
             c = v[graph.source_index(i)]
-        return B * c[:, None]  # B'_s = (C^T)_is·B_s
+        return B * c[:, None]  # B'_s = (C^T)_is·B_s·diag(m_s)
 
 
 class GCN(nn.Module):
     """§3 the paper's residual GCN in factor space: h_ℓ ← h_ℓ + σ(Σ_j (Â − I)_ℓj·h_j·Θ^(t)), T layers.
 
-    A node's state h is its B factor on each source's r directions: the A_s stay fixed and the gates
-    apply after, so Θ^(t) ∈ R^{r×r} and σ act on weight-space factors, never on activations, and the
-    update stays low-rank and mergeable. σ = identity with Θ^(t) = η·I is Smooth exactly."""
+    A node's state h is its B factor on each source's r directions, starting from the gated
+    B_s·diag(m_s): the A_s stay fixed, so Θ^(t) ∈ R^{r×r} and σ act on weight-space factors, never on
+    activations, and the update stays low-rank and mergeable; closed directions are cut again after Θ
+    has mixed the columns. σ = identity with Θ^(t) = η·I is Smooth exactly."""
 
     def __init__(self, graph):
         super().__init__()
@@ -336,6 +361,9 @@ class GCN(nn.Module):
         self.act = torch.tanh if cfg.gcn_activation == "tanh" else nn.Identity()
 
     def forward(self, graph, i, B):
+        if len(self.theta) == 1:  # T = 1: h_i on source s is δ_is·B_s + σ((Â − I)_is·B_s·Θ), i first
+            K = B.shape[1]
+            return B * graph.eye[0, :K, None] + self.act(-graph.lap[i, :K, None] * (B @ self.theta[0]))
         idx, within = graph.source_index(i), graph.counts[i]  # sources nearest first; within[h]: ≤ h hops
         T = len(self.theta)
         H = torch.einsum("js,osr->josr", graph.eye.new_ones(len(idx)).diag(), B)  # h_j^(0): B_j on source j
@@ -347,7 +375,7 @@ class GCN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# §3 the graph: nodes are the adapted layers of one target name and shape, in depth order
+# §3 the graph: nodes are the adapted layers of one role and shape, in depth order
 
 
 class LayerGraph(nn.Module):
@@ -369,9 +397,9 @@ class LayerGraph(nn.Module):
         self.sketch_ema = None
         g = torch.Generator().manual_seed(seed)
         self.P = torch.randn(self.layers[0].base.in_features, cfg.sketch_dim, generator=g) / math.sqrt(cfg.sketch_dim)
-        self.coordinator = coordinator(self)
         self.set_edges(self.adj)
-        self.register_load_state_dict_post_hook(lambda graph, keys: graph.set_edges(graph.adj))
+        self.coordinator = coordinator(self)  # sees the graph: its edges, Â and sources
+        self.register_load_state_dict_post_hook(_edges_changed)
         for i, layer in enumerate(self.layers):
             layer.graph = (self, i)
 
@@ -379,9 +407,7 @@ class LayerGraph(nn.Module):
     def set_edges(self, adj):
         """Replaces the adjacency (0/1, symmetric, no self-loops) and what follows from it: Â, and each
         node's sources (its T-hop neighbourhood, nearest first)."""
-        adj = adj.to(self.adj)
-        if not (torch.equal(adj, adj.T) and (adj.diagonal() == 0).all() and ((adj == 0) | (adj == 1)).all()):
-            raise ValueError("adjacency must be 0/1, symmetric, with a zero diagonal")
+        adj = check_adjacency(adj.to(self.adj))
         self.adj.copy_(adj)
         self.a_hat.copy_(propagation_matrix(self.adj, self.cfg.graph_norm))
         self.sources, self.counts = hop_order(self.adj, self.cfg.graph_layers)
@@ -398,11 +424,11 @@ class LayerGraph(nn.Module):
         return self.order[i, :len(self.sources[i])]
 
     def factors(self, i, training):
-        """(B', d, A) of node i: ΔW^f_i = Σ_s B'_s·diag((α/r)·m_s)·A_s over its sources s (§2–§3)."""
+        """(B', d, A) of node i: ΔW^f_i = Σ_s B'_s·diag((α/r)·[m_s ≠ 0])·A_s over its sources s (§2–§3)."""
         nodes = [self.layers[s] for s in self.sources[i]]
         m = gate_values(nodes, training)                                           # §2, [K, r]
-        B = self.coordinator(self, i, torch.stack([n.lora_B for n in nodes], 1))   # §3, [out, K, r]
-        return B.flatten(1), nodes[0].scaling * m.flatten(), torch.cat([n.lora_A for n in nodes])
+        B = self.coordinator(self, i, torch.stack([n.lora_B for n in nodes], 1) * m)  # §3, h^(0) = B·diag(m)
+        return B.flatten(1), (m != 0).flatten().to(m.dtype) * nodes[0].scaling, torch.cat([n.lora_A for n in nodes])
 
     @torch.no_grad()
     def all_factors(self):
@@ -425,23 +451,27 @@ class LayerGraph(nn.Module):
             layer.sketch_P, layer.sketch = self.P.to(layer.lora_A.device), None
 
     def rebuild_semantic_edges(self):
-        """EMA the gradient sketches collected since arm_sketches() — averaged over the ranks of a
-        process group, so every rank builds the same graph — and rebuild the semantic edges."""
+        """EMA the gradient sketches collected since arm_sketches() — each layer's averaged over the
+        ranks of a process group that have one, so every rank builds the same graph — and rebuild the
+        semantic edges. A layer without a sketch (no gradient reached it) keeps its EMA, gains no edge."""
         sketches = [layer.sketch for layer in self.layers]
         for layer in self.layers:
             layer.sketch_P, layer.sketch = None, None
-        shape = (self.layers[0].base.out_features, self.cfg.sketch_dim)
-        dev = self.adj.device
-        s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches] +
-                        [torch.full(shape, float(all(x is not None for x in sketches)), device=dev)])
+        shape, dev = (self.layers[0].base.out_features, self.cfg.sketch_dim), self.adj.device
+        s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches])
+        have = torch.tensor([float(x is not None) for x in sketches], device=dev)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(s)  # the ranks' average: with DDP's loss scaling, the one-process sketch
-            s /= dist.get_world_size()
-        s, filled = s[:-1].cpu(), s[-1, 0, 0].item()
-        if filled == 0:
+            dist.all_reduce(s), dist.all_reduce(have)  # with DDP's loss scaling, the average is the
+        s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0  # one-process sketch
+        if not have.any():
             return  # no training backward ran since the sketches were armed
-        rho = self.cfg.sketch_ema
-        self.sketch_ema = s if self.sketch_ema is None else rho * self.sketch_ema + (1 - rho) * s
+        if not have.all():
+            missing = [i for i in range(len(self.layers)) if not have[i]]
+            warnings.warn(f"layers {missing} of a graph got no gradient sketch since the last rebuild "
+                          "(no gradient reached them): they keep their old sketch and gain no semantic edge")
+        rho, ema = self.cfg.sketch_ema, self.sketch_ema if self.sketch_ema is not None else torch.zeros_like(s)
+        fresh = (ema.flatten(1).norm(dim=1) == 0)[:, None, None]  # first sketch of a layer: taken as it is
+        self.sketch_ema = torch.where(have[:, None, None], torch.where(fresh, s, rho * ema + (1 - rho) * s), ema)
         hybrid = self.cfg.edges == "hybrid"
         fixed = self.chain.cpu() if hybrid else torch.zeros_like(self.chain.cpu())
         semantic = semantic_adjacency(self.sketch_ema, self.cfg.semantic_topk, self.cfg.semantic_threshold, fixed)
@@ -458,7 +488,7 @@ class LayerGraph(nn.Module):
         return {
             "nodes": n, "coordinator": cfg.coordinator, "graph_layers": cfg.graph_layers,
             "eta": None if eta is None else float(eta), "edges": edges,
-            "semantic_edges": [e for e in edges if self.chain[e] == 0],
+            "semantic_edges": edges if cfg.edges == "semantic" else [e for e in edges if self.chain[e] == 0],
             "drift_energy_before": float(drift_energy(before, self.adj)),
             "drift_energy_after": float(drift_energy(after, self.adj)),
             "adjacent_cosine_before": float(edge_cosine(before, self.chain).mean()),
@@ -492,19 +522,24 @@ class StructLoRA(nn.Module):
         super().__init__()
         if (cfg.coordinator == "custom") != (coordinator is not None):
             raise ValueError("pass a coordinator class exactly when cfg.coordinator == 'custom'")
-        targets = find_targets(model, cfg)  # every check runs before the model is changed
-        self.cfg, self.model, self.steps, self.merged = cfg, model, 0, False
+        targets = find_targets(model, cfg)  # every check runs, and every part is built, before the model changes
+        gen = torch.Generator().manual_seed(cfg.seed)
+        lora_layers = {name: LoRALinear(base, cfg, gen) for name, base in targets}  # in depth order
+        self.groups = group_layers(lora_layers)  # {key: (layers, depth)}
+        graphs = nn.ModuleDict()
+        if cfg.graph:
+            make = coordinator or {"smooth": Smooth, "gcn": GCN}[cfg.coordinator]
+            for key, (layers, depth) in self.groups.items():
+                graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make)
+        self.cfg, self.model, self.graphs, self.steps, self.merged = cfg, model, graphs, 0, False
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         for name in cfg.modules_to_save:
             model.get_submodule(name).requires_grad_(True)
-        self.lora_layers = inject_lora(model, targets, cfg)  # {name: LoRALinear}, in depth order
-        self.groups = group_layers(self.lora_layers)         # {key: (layers, depth)}
-        self.graphs = nn.ModuleDict()
-        if cfg.graph:
-            make = coordinator or {"smooth": Smooth, "gcn": GCN}[cfg.coordinator]
-            for key, (layers, depth) in self.groups.items():
-                self.graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(self.graphs), make)
+        for name, layer in lora_layers.items():  # the LoRA parameters were made trainable, the base is frozen
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, layer)
+        self.lora_layers = lora_layers
 
     def _live(self):
         if self.merged:
@@ -544,6 +579,8 @@ class StructLoRA(nn.Module):
     def reg_loss(self):
         """The appendix baselines (cfg.reg), summed over the depth neighbours of every target name."""
         self._live()
+        if self.cfg.reg == "none":
+            return next(iter(self.lora_layers.values())).lora_A.new_zeros(())
         return sum(neighbour_penalty(layers, chain_adjacency(depth).to(layers[0].lora_A.device), self.cfg.reg)
                    for layers, depth in self.groups.values())
 
@@ -679,6 +716,8 @@ class StructLoRA(nn.Module):
         bad = [k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape]
         if missing or unexpected or bad:
             raise ValueError(f"adapter: missing {missing[:8]}, unexpected {unexpected[:8]}, mis-shaped {bad[:8]}")
+        for key in self.graphs:
+            check_adjacency(tensors[f"graphs.{key}.adj"].to(self.graphs[key].adj))  # before anything changes
         for k, v in own.items():
             if k not in sketch:
                 v.copy_(tensors[k])  # detach() shares storage with the parameters and buffers
@@ -697,17 +736,24 @@ class StructLoRA(nn.Module):
         tensors, meta = self.adapter_state()
         os.makedirs(path, exist_ok=True)
         weights, config = os.path.join(path, ADAPTER_WEIGHTS), os.path.join(path, ADAPTER_CONFIG)
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, weights + ".tmp")
+        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, weights + ".tmp",
+                  metadata={"structlora": json.dumps(meta)})  # so load_adapter can tell two saves apart
         with open(config + ".tmp", "w") as f:
             json.dump(meta, f, indent=1)
         os.replace(weights + ".tmp", weights), os.replace(config + ".tmp", config)  # a killed save keeps the old files
 
     def load_adapter(self, path):
         """Loads a save_adapter() folder (see load_adapter_state)."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
         self._live()
         meta = read_adapter_config(path)
-        self.load_adapter_state(load_file(os.path.join(path, ADAPTER_WEIGHTS)), meta)
+        with safe_open(os.path.join(path, ADAPTER_WEIGHTS), "pt") as f:
+            saved = (f.metadata() or {}).get("structlora")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if saved is not None and json.loads(saved) != meta:
+            raise ValueError(f"{path}: the weights and {ADAPTER_CONFIG} come from different saves (a save was "
+                             "interrupted between its two files); save again or use an older copy")
+        self.load_adapter_state(tensors, meta)
 
     @classmethod
     def from_pretrained(cls, model, path, coordinator=None):
@@ -785,28 +831,25 @@ def find_targets(model, cfg):
     return hits
 
 
-def inject_lora(model, targets, cfg):
-    """Replaces every target nn.Linear by a LoRALinear wrapping it."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    layers = {}
-    for name, base in targets:
-        parent, _, leaf = name.rpartition(".")
-        layers[name] = LoRALinear(base, cfg, gen)
-        setattr(model.get_submodule(parent), leaf, layers[name])
-    return layers
-
-
 def group_layers(lora_layers):
-    """One group per target name (and shape, so that neighbours' factors stack), in depth order, with
-    each layer's depth = its position among all adapted layers of that target name."""
+    """One group per role — the layer's path with its layer indices wildcarded, so an encoder's and a
+    decoder's q_proj, or self- and cross-attention, never mix — and shape (so neighbours' factors
+    stack), in depth order; a layer's depth is its position among the adapted layers of its role.
+    A group is named by the shortest of: target name, name_OUTxIN, role, role_OUTxIN that is unique."""
     groups, seen = {}, {}
     for name, layer in lora_layers.items():
-        leaf = name.rpartition(".")[2]
-        depth = seen[leaf] = seen.get(leaf, -1) + 1
-        layers, depths = groups.setdefault((leaf, layer.base.out_features, layer.base.in_features), ([], []))
+        role = re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name)  # blocks.3.attn.q_proj → blocks.*.attn.q_proj
+        depth = seen[role] = seen.get(role, -1) + 1
+        layers, depths = groups.setdefault((role, layer.base.out_features, layer.base.in_features), ([], []))
         layers.append(layer), depths.append(depth)
-    names = [k[0] for k in groups]
-    return {(k[0] if names.count(k[0]) == 1 else f"{k[0]}_{k[1]}x{k[2]}"): v for k, v in groups.items()}
+    def label(role, out, inp, full):  # module names cannot hold ".": a role is written encoder/*/q_proj
+        leaf, role = role.rpartition(".")[2], role.replace(".", "/")
+        return [leaf, f"{leaf}_{out}x{inp}", role, f"{role}_{out}x{inp}"][full]
+    keys = list(groups)
+    for full in range(4):
+        names = [label(*k, full) for k in keys]
+        if len(set(names)) == len(names):
+            return dict(zip(names, groups.values()))
 
 
 def read_adapter_config(path):

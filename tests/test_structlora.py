@@ -76,11 +76,15 @@ def dense_reference(layers, adj, gates, cfg, coordinator_params):
         return [sum(C[i, s] * sc * Bs[s] @ np.diag(gates[i].get(s, 0 * As[s][:, 0])) @ As[s] for s in range(n))
                 for i in range(n)]
     act = np.tanh if cfg.gcn_activation == "tanh" else (lambda z: z)
-    H = [[Bs[s] if j == s else np.zeros_like(Bs[s]) for s in range(n)] for j in range(n)]  # h_j on source s
-    for theta in coordinator_params:  # h_j ← h_j + σ(Σ_k (Â − I)_jk h_k Θ), every node, every source
-        H = [[H[j][s] + act(sum((a_hat - I)[j, k] * H[k][s] for k in range(n)) @ theta) for s in range(n)]
-             for j in range(n)]
-    return [sum(H[i][s] @ np.diag(sc * gates[i].get(s, 0 * As[s][:, 0])) @ As[s] for s in range(n)) for i in range(n)]
+    out = []
+    for i in range(n):  # consumer i's own gate samples: h_s^(0) = B_s·diag(m_s) = ΔW̃_s in factor form
+        m = [gates[i].get(s, 0 * As[s][:, 0]) for s in range(n)]
+        H = [[Bs[s] @ np.diag(m[s]) if j == s else np.zeros_like(Bs[s]) for s in range(n)] for j in range(n)]
+        for theta in coordinator_params:  # h_j ← h_j + σ(Σ_k (Â − I)_jk h_k Θ), every node, every source
+            H = [[H[j][s] + act(sum((a_hat - I)[j, k] * H[k][s] for k in range(n)) @ theta) for s in range(n)]
+                 for j in range(n)]
+        out.append(sum(H[i][s] @ np.diag(sc * (m[s] != 0)) @ As[s] for s in range(n)))  # open directions only
+    return out
 
 
 @pytest.mark.parametrize("coordinator,T", [("smooth", 1), ("smooth", 2), ("smooth", 3), ("gcn", 1), ("gcn", 2)])
