@@ -58,19 +58,6 @@ def test_adalora_aux_loss_is_peft_orthogonality_penalty():
     assert torch.allclose(base.aux_loss(), ref, rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["head", "dora"])
-def test_baseline_killed_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch, method):
-    from test_checkpoint import Killed, assert_same, final_adapter, kill_at
-    from test_checkpoint import run as run_ckpt
-    run_ckpt(tiny, tmp_path / "whole", "--method", method)
-    with monkeypatch.context() as m:
-        kill_at(m, Baseline, "step", 7)  # dies in step 7 of 10: the last checkpoint is step 6's
-        with pytest.raises(Killed):
-            run_ckpt(tiny, tmp_path / "killed", "--method", method)
-    run_ckpt(tiny, tmp_path / "killed", "--method", method, "--resume", str(tmp_path / "killed"))
-    assert_same(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"))
-
-
 def test_adalora_resume_is_refused(tiny, tmp_path):
     from test_checkpoint import run as run_ckpt
     run_ckpt(tiny, tmp_path / "a", "--method", "adalora")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_vit
+from baselines import BASELINES, Baseline
 from structlora import StructLoRA
 
 from test_train_vit import tiny  # noqa: F401 (fixture)
@@ -42,11 +43,14 @@ def assert_same(a, b, tol=1e-5):
         assert (a[k] - b[k]).norm() <= tol * b[k].norm(), k
 
 
-@pytest.mark.parametrize("method", ["lora", "structlora"])
+@pytest.mark.parametrize("method", ["lora", "structlora", "head", "dora"])  # head, dora: baselines.py
 def test_killed_between_checkpoints_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch, method):
+    if method == "dora":
+        pytest.importorskip("peft")
     run(tiny, tmp_path / "whole", "--method", method)
     with monkeypatch.context() as m:
-        kill_at(m, StructLoRA, "step", 7)  # dies in step 7 of 10: the last checkpoint is step 6's
+        # dies in step 7 of 10: the last checkpoint is step 6's
+        kill_at(m, Baseline if method in BASELINES else StructLoRA, "step", 7)
         with pytest.raises(Killed):
             run(tiny, tmp_path / "killed", "--method", method)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 6
