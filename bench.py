@@ -90,28 +90,33 @@ def summarize(ratios, target, seed=0):
             "target": target, "verdict": verdict}
 
 
+def training_step(model, aux, params, hook, loss_of):
+    """One optimizer step of a wrapped variant, as a closure."""
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    return lambda: ((loss_of(model) + aux()).backward(), opt.step(), opt.zero_grad(set_to_none=True), hook())
+
+
+def interleaved(fns, rounds, device):
+    """{name: [seconds, …]}: each fn once per round, in turn, alternating who goes first."""
+    times = {k: [] for k in fns}
+    for k in range(rounds):
+        for name in (list(fns) if k % 2 == 0 else list(fns)[::-1]):
+            times[name].append(timed(fns[name], device))
+    return times
+
+
 def training_pairs(model_name, args):
     """Interleaved training steps of every variant in one process; ratios to LoRA's step of the same round."""
     base, _, loss_of, save = base_model(model_name, args.device)
-    runs = {}
-    for v in args.variants:
-        model, aux, params, hook = wrap(base, v, args.rank, save)
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        step = lambda model=model, aux=aux, opt=opt, hook=hook: (
-            (loss_of(model) + aux()).backward(), opt.step(), opt.zero_grad(set_to_none=True), hook())
-        runs[v] = (model, step)
+    runs = {v: training_step(*wrap(base, v, args.rank, save), loss_of) for v in args.variants}
     flops = {}
-    for v, (model, step) in runs.items():  # warm-up, and one counted step each
+    for v, step in runs.items():  # warm-up, and one counted step each
         for _ in range(2):
             step()
         with FlopCounterMode(display=False) as counter:
             step()
         flops[v] = counter.get_total_flops()
-    times = {v: [] for v in runs}
-    for k in range(args.pairs):
-        order = list(runs) if k % 2 == 0 else list(runs)[::-1]  # alternate who goes first
-        for v in order:
-            times[v].append(timed(runs[v][1], args.device))
+    times = interleaved(runs, args.pairs, args.device)
     rows = {}
     for v in runs:
         ratios = [t / l for t, l in zip(times[v], times["lora"])]
@@ -128,10 +133,7 @@ def profile_table(model_name, args, steps=8, top=15):
     base, _, loss_of, save = base_model(model_name, args.device)
     steps_of, per_op = {}, {"lora": {}, "structlora": {}}
     for v in per_op:
-        model, aux, params, hook = wrap(base, v, args.rank, save)
-        opt = torch.optim.AdamW(params, lr=1e-4)
-        steps_of[v] = lambda model=model, aux=aux, opt=opt, hook=hook: (
-            (loss_of(model) + aux()).backward(), opt.step(), opt.zero_grad(set_to_none=True), hook())
+        steps_of[v] = training_step(*wrap(base, v, args.rank, save), loss_of)
         for _ in range(2):
             steps_of[v]()
     for k in range(steps):
@@ -271,10 +273,7 @@ def unmerged_eval_pairs(args):
                                                                       modules_to_save=save, **VARIANTS[v])).eval()
             models[v] = slora
             slora(x)
-        times = {v: [] for v in models}
-        for k in range(args.pairs):
-            for v in (list(models) if k % 2 == 0 else list(models)[::-1]):
-                times[v].append(timed(lambda: models[v](x), args.device))
+        times = interleaved({v: (lambda m=m: m(x)) for v, m in models.items()}, args.pairs, args.device)
         rows[model_name] = {v: summarize([t / l for t, l in zip(times[v], times["lora"])], 1.15)
                             for v in ("structlora", "gcn")}
         print(f"  {model_name}: {rows[model_name]}", flush=True)
@@ -338,10 +337,8 @@ def scaling_table(args):
                                                                          semantic_every=0, **VARIANTS[v])).train()
                     for v in ("lora", "structlora", "gcn")}
         variants["naive"] = NaiveCoordinated(variants["structlora"])
-        times = {k: [] for k in variants}
-        for k in range(max(3, args.pairs // 10)):
-            for name in (list(variants) if k % 2 == 0 else list(variants)[::-1]):
-                times[name].append(timed(lambda: variants[name](x).square().mean().backward(), args.device))
+        times = interleaved({k: (lambda m=m: m(x).square().mean().backward()) for k, m in variants.items()},
+                            max(3, args.pairs // 10), args.device)
         med = {k: statistics.median(v[1:]) for k, v in times.items()}
         rows.append({"axis": axis, "r": r, "d": d, "layers": n, **{f"{k}/lora": med[k] / med["lora"]
                                                                    for k in ("structlora", "gcn", "naive")}})

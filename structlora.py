@@ -496,12 +496,13 @@ class LayerGraph(nn.Module):
         }
 
 
-def neighbour_penalty(layers, chain, kind):
+def neighbour_penalty(layers, depth, kind):
     """The appendix's static baselines on ΔW̃_i = (α/r)·B_i·diag(σ(φ_i))·A_i of depth neighbours:
     "laplacian" Σ ‖ΔW̃_i − ΔW̃_j‖² (drift energy), "cos" Σ (1 − cos(vec ΔW̃_i, vec ΔW̃_j))."""
     gate = lambda l: torch.sigmoid(l.gate_logits) if l.gate_logits is not None else l.mask
     f = [(l.lora_B * (l.scaling * gate(l)), l.lora_A) for l in layers]
-    i, j = torch.triu(chain, 1).nonzero().T.tolist()
+    pairs = [(a, b) for a in range(len(depth)) for b in range(a + 1, len(depth)) if abs(depth[a] - depth[b]) == 1]
+    i, j = [a for a, _ in pairs], [b for _, b in pairs]  # the chain's edges, from the depths alone
     if not i:
         return layers[0].lora_B.new_zeros(())
     sq = torch.stack([factor_inner(a, a) for a in f])                    # ‖ΔW̃_i‖²
@@ -581,8 +582,7 @@ class StructLoRA(nn.Module):
         self._live()
         if self.cfg.reg == "none":
             return next(iter(self.lora_layers.values())).lora_A.new_zeros(())
-        return sum(neighbour_penalty(layers, chain_adjacency(depth).to(layers[0].lora_A.device), self.cfg.reg)
-                   for layers, depth in self.groups.values())
+        return sum(neighbour_penalty(layers, depth, self.cfg.reg) for layers, depth in self.groups.values())
 
     def step(self):
         """Call once per optimizer step (on every rank): advances the KL warm-up and, every K steps,
