@@ -63,7 +63,7 @@ STOP_AT = None  # "HH:MM": start no new training run after this time of day (--s
 
 def run(script, out, flags, reduce=None):
     """One training run (or its saved metrics), reduced to what the tables need (by `reduce`, default
-    summarize)."""
+    summarize). A run killed after writing out/checkpoint.pt (--save-every) continues from there."""
     reduce = reduce or summarize
     path = os.path.join(out, "metrics.json")
     if os.path.isfile(path):
@@ -71,8 +71,9 @@ def run(script, out, flags, reduce=None):
             return reduce(json.load(f), None, out)
     if STOP_AT and time.strftime("%H:%M") >= STOP_AT:
         raise SystemExit(f"--stop-at {STOP_AT}: not starting {out}")
+    resume = [f"--resume={out}"] if os.path.isfile(os.path.join(out, "checkpoint.pt")) else []
     t0 = time.time()
-    m = script.main(script.parse_args(flags + [f"--out={out}"]))
+    m = script.main(script.parse_args(flags + [f"--out={out}", *resume]))
     return reduce(m, time.time() - t0, out)
 
 
@@ -281,7 +282,7 @@ def table6(seeds=SEEDS):
 
 
 def fraction_flags(percent):
-    return ["--shots-per-class=0", f"--train-fraction={percent / 100}", "--epochs=1", *R8]
+    return ["--shots-per-class=0", f"--train-fraction={percent / 100}", "--epochs=1", "--save-every=100", *R8]
 
 
 def fraction_lr_search(seeds=(0,)):

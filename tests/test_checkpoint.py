@@ -114,3 +114,25 @@ def test_llava_killed_in_stage_2_resumes_both_stages_exactly(tmp_path, monkeypat
     resumed = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert_same(resumed["adapter"][0], whole["adapter"][0])
     assert_same(resumed["projector"], whole["projector"])
+
+
+def test_study_continues_a_killed_run_from_its_checkpoint(tiny, tmp_path, monkeypatch):
+    """study.py's long runs (one epoch over 100% of Fashion-MNIST) write checkpoints; a study killed
+    mid-run and started again continues that run from its last checkpoint, ending where one go ends."""
+    import study
+    flags = ["--model", str(tiny / "ckpt"), "--dataset", "imagefolder", "--data-dir", str(tiny / "data"),
+             "--image-size", "28", "--shots-per-class", "0", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2",
+             "--rank", "2", "--semantic-every", "1", "--beta", "0.05", "--save-every", "2", "--method", "structlora"]
+    whole = study.run(train_vit, str(tmp_path / "whole"), flags, reduce=lambda m, wall, out: m)
+    with monkeypatch.context() as m:
+        kill_at(m, StructLoRA, "step", 7)
+        with pytest.raises(Killed):
+            study.run(train_vit, str(tmp_path / "killed"), flags)
+    started = []
+    with monkeypatch.context() as m:
+        real = StructLoRA.step
+        m.setattr(StructLoRA, "step", lambda self, *a, **k: (started.append(1), real(self, *a, **k))[1])
+        again = study.run(train_vit, str(tmp_path / "killed"), flags, reduce=lambda m, wall, out: m)
+    assert len(started) == 4  # steps 7..10, not 1..10
+    assert again["accuracy"] == pytest.approx(whole["accuracy"])
+    assert_same(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"))
