@@ -45,6 +45,7 @@ VIT_EVAL = ["--test-samples", "3000", "--merged-eval-samples", "256"]
 # of them (results/vit_holdout_control_lr), so the filters are compared there, all at that lr.
 FILTER_RANK, FILTER_SIZE, FILTER_CONTROL_LR = 8, 50, "2e-1"
 LLAMA_RANKS, LLAMA_METHODS = (2, 8), ("lora", "structlora")
+LLAMA_BASE = "base model, untrained"
 # One knob at a time from the defaults, on held-out training images (never the test split)
 INVESTIGATE_RANK, INVESTIGATE_SIZE = 8, 10
 VARIANTS = {
@@ -156,14 +157,20 @@ def investigate(seeds=SEEDS):
 
 
 def llama(seeds=SEEDS):
-    rows = []
+    llama_base()
     for rank in LLAMA_RANKS:
         for method in LLAMA_METHODS:
             for seed in seeds:
                 out = f"{RUNS}/llama/r{rank}_{method}_seed{seed}"
                 flags = [f"--rank={rank}", f"--method={method}", f"--seed={seed}", "--generations=0"]
-                rows.append({"rank": rank, "method": method, "seed": seed, **run(train_llama, out, flags)})
-                save("llama", rows)
+                record("llama", {"rank": rank, "method": method, "seed": seed, **run(train_llama, out, flags)},
+                       ("rank", "method", "seed"))
+
+
+def llama_base():
+    """What the adapters add: the base model's own picks (no training step; B = 0, so no update)."""
+    m = run(train_llama, f"{RUNS}/llama/base", ["--epochs=0", "--method=lora", "--generations=0"])
+    record("llama", {"rank": 0, "method": LLAMA_BASE, "seed": 0, **m}, ("rank", "method", "seed"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -493,7 +500,8 @@ def filter_table(rows):
 
 
 def llama_table(rows):
-    lines = []
+    base = [r["accuracy"] for r in rows if r["method"] == LLAMA_BASE]  # one run: no training, nothing random
+    lines = [["–", LLAMA_BASE, f"{100 * base[0]:.2f}", "", "", "–", "–"]] if base else []
     for r in LLAMA_RANKS:
         for m in LLAMA_METHODS:
             runs = list(by_seed(rows, rank=r, method=m).values())
@@ -503,7 +511,7 @@ def llama_table(rows):
             cos = f"{statistics.mean(b for b, _ in cos):.3f} → {statistics.mean(a for _, a in cos):.3f}" if cos else "–"
             lines.append([r, m, *versus_lora(rows, rank=r, method=m),
                           f"{statistics.mean(x['open_directions'] for x in runs):.1f} / {runs[0]['directions']}", cos])
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows if r["method"] != LLAMA_BASE})
     return (f"### SmolLM2-135M on fine-foods (accuracy %, 200 test reviews, seeds {seeds})\n\n" +
             table(["r", "method", "accuracy", "Δ vs LoRA", "p (paired t)", "open directions", "adjacent cosine"], lines))
 

@@ -42,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--max-length", type=int, default=128, help="tokens per example (long prompts are cut in the middle)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--lr", type=float, default=5e-4, help="5e-4: better than 2e-3 on 200 held-out reviews")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="0: no training step, scores the base model (B = 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights of the frozen base model")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward (7B)")

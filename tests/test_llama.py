@@ -149,3 +149,21 @@ def test_fine_foods_reader():
         pytest.skip("r-cran-modeldata is not unpacked")
     assert len(train) == 4000 and len(test) == 1000
     assert sum(e["answer"] == "yes" for e in train) == 2600
+
+
+def test_train_llama_epochs_0_scores_the_base_model(tmp_path, monkeypatch):
+    """--epochs 0: no training step; the adapter starts at B = 0, so the picks are the bare base model's
+    (scored here without any adapter), the "no adapter" row of the study's LLaMA table."""
+    tiny_llama(tmp_path / "ckpt", tied=True)
+    tiny_tokenizer(tmp_path / "ckpt")
+    args = train_llama.parse_args(["--model", str(tmp_path / "ckpt"), *boolq_args(tmp_path), "--train-samples", "0",
+                                   "--no-chat-template", "--rank", "2", "--batch-size", "4", "--epochs", "0",
+                                   "--generations", "0", "--out", str(tmp_path / "run")])
+    seen, real = {}, train_llama.evaluate
+    monkeypatch.setattr(train_llama, "evaluate", lambda model, ex, tok, a, desc: seen.setdefault(desc, real(model, ex, tok, a, desc)))
+    m = train_llama.main(args)
+    base = train_llama.load_llama(str(tmp_path / "ckpt"))
+    tok = train_llama.load_tokenizer(str(tmp_path / "ckpt"))
+    _, test = train_llama.load_text_task("boolq", None, args.train_file, args.eval_file)
+    assert train_llama.evaluate(base, test[:args.eval_samples], tok, args, "base") == seen["eval adapted"]
+    assert m["steps"] == 0 and m["merged_prediction_agreement"] == 1.0

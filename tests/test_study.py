@@ -186,3 +186,15 @@ def test_fraction_lr_from_held_out_runs(tmp_path, monkeypatch):
             {"lr": "5e-3", "seed": 0, "accuracy": 0.30}]
     (tmp_path / "v2_fraction_lr.json").write_text(json.dumps(rows))
     assert study.fraction_lr() == "1e-3"  # a tie goes to the smaller lr
+
+
+def test_llama_table_shows_the_base_model_row(tmp_path, monkeypatch):
+    """The LLaMA table says what the adapters add over the untrained base model (train_llama --epochs 0)."""
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    diag = dict(open_directions=120, directions=120, eta=None, adjacent_cosine_before=0.0, adjacent_cosine_after=0.0)
+    rows = [{"rank": r, "method": m, "seed": s, "accuracy": 0.6 + 0.01 * s + (0.02 if m == "lora" else 0), **diag}
+            for r in study.LLAMA_RANKS for m in study.LLAMA_METHODS for s in study.SEEDS]
+    rows.append({"rank": 0, "method": study.LLAMA_BASE, "seed": 0, "accuracy": 0.515, **diag})
+    text = study.llama_table(rows)
+    assert f"| – | {study.LLAMA_BASE} | 51.50 |" in text
+    assert "| 2 | lora | 63.00 ± 1.00 |" in text  # 62, 63, 64 and "seeds [0, 1, 2]" in text
