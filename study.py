@@ -668,19 +668,22 @@ def adjacent_cosine_of(row):
 def fractions_table(rows):
     lines, tests = [], []
     for percent in sorted({r["percent"] for r in rows}):
-        for m in ("head", "lora", "structlora") + PEERS:
+        for m in ("head", "lora", "ib", "graph", "structlora") + PEERS:  # ib, graph: diagnostics where they ran
             runs = [r for r in rows if (r["percent"], r["method"]) == (percent, m)]
             if not runs:
                 continue
             cells, p = versus(rows, {"method": "lora"}, percent=percent, method=m)
             head, _ = versus(rows, {"method": "head"}, percent=percent, method=m)
             tests += [(f"{m}, {percent}%", p)] if p is not None else []
+            etas = [r["eta"] for r in runs if r["eta"] is not None]
             lines.append([f"{percent}% ({runs[0]['n_train']:,})", runs[0]["steps"], m, *cells, head[1],
+                          f"{statistics.mean(r['open_directions'] for r in runs):.0f} / {runs[0]['directions']}"
+                          if runs[0]["directions"] else "–", f"{statistics.mean(etas):.2f}" if etas else "–",
                           f"{statistics.mean(r['train_seconds'] for r in runs) / 60:.1f}", seeds_of(runs)])
     return ("### Table 4 at a real scale: r = 8, one epoch over a share of the 60 000 training images (test "
             "accuracy %, 3000 test images)\n\n" +
             table(["training images", "steps", "method", "accuracy", "Δ vs LoRA", "p vs LoRA", "Δ vs head",
-                   "train min / run", "seeds"], lines)), tests
+                   "open directions", "η", "train min / run", "seeds"], lines)), tests
 
 
 def gt_cell(runs, key, digits):

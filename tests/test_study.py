@@ -116,6 +116,8 @@ def synthetic_v2(rng):
           for v in study.TABLE6 for seed in study.SEEDS]
     frac = [{"percent": p, "method": m, "seed": seed, "accuracy": acc(), **diag}
             for p in study.PERCENTS for m in ("head", "lora", "structlora", "dora") for seed in study.SEEDS[:2 if p == 100 else 3]]
+    frac += [{"percent": 25, "method": m, "seed": 0, "accuracy": acc(), **diag, "open_directions": 30}
+             for m in ("ib", "graph")]  # diagnostics: one seed, no test
     gt = [{"structure": s, "n_train": n, "method": m, "seed": seed, "test_loss": rng.random(), "relative_error": rng.random(),
            "subspace_angle": 90 * rng.random(), "train_seconds": 1.0, "eval_seconds": 0.0, "open_directions": 90, "directions": 96}
           for n in study.GT_N for s in ("smooth", "independent", "noisy") for m in study.GT_METHODS for seed in study.SEEDS]
@@ -149,6 +151,7 @@ def test_report_v2_on_synthetic_runs(tmp_path, monkeypatch):
     p = stats.ttest_rel([r["relative_error"] for r in g], [r["relative_error"] for r in gl]).pvalue
     assert f"| 64 | noisy | structlora | " in text and f"| {p:.3f} |" in text
     assert "| 100% (500) | 96 | lora |" in text and "| 0,1 |" in text  # 100% ran two seeds only
+    assert "| 25% (500) | 96 | ib |" in text and "| 30 / 192 | 0.30 | 0.0 | 0 |" in text  # open directions, η
     n_tests = 2 * 5 + 10 + 3 * 3 + 2 * 3 * 5  # peers (2 sizes × 5), table6 (10), fractions (3 × 3), ground truth
     assert f"Multiple comparisons: {n_tests} paired t-tests" in text
     for name in ("gcn T=3", "semantic edges", "lora+laplacian"):
