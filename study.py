@@ -202,6 +202,9 @@ PERCENTS = (10, 25, 100)   # % of the 60 000 Fashion-MNIST training images, one 
 # One epoch over 10% or more is 188–1875 steps, not ~100: LoRA at 5e-3 diverged after warm-up on 100%
 # (results/study/v2_p100_lora_lr5e-3_killed.txt), so the lr of these runs is chosen again, held-out, at 10%.
 FRACTION_LRS = ("1e-3", "2e-3", "5e-3")
+# Diagnostics for the fractions (which part of StructLoRA costs accuracy in long runs): `ib` and `graph`
+# are methods of train_vit.py; these are methods with one flag changed
+FRACTION_VARIANTS = {"ib beta=0": ["--method=ib", "--beta=0"]}
 GT_N, GT_FLAGS = (256, 64), ["--steps=500", "--lr=2e-2", "--rank=4"]
 GT_METHODS = {"lora": ["--method=lora"], "ib": ["--method=ib"], "graph": ["--method=graph"],
               "structlora": ["--method=structlora"], "structlora gcn": ["--method=structlora", "--coordinator=gcn"],
@@ -318,8 +321,9 @@ def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
     for percent in percents:
         for method in methods:
             for seed in seeds:
-                out = f"{V2}/p{percent}_r8_{method}_lr{lr}_seed{seed}"
-                flags = fraction_flags(percent) + [*VIT_EVAL, f"--method={method}", f"--lr={lr}", f"--seed={seed}"]
+                out = f"{V2}/p{percent}_r8_{slug(method)}_lr{lr}_seed{seed}"
+                flags = fraction_flags(percent) + [*VIT_EVAL, *FRACTION_VARIANTS.get(method, [f"--method={method}"]),
+                                                   f"--lr={lr}", f"--seed={seed}"]
                 record("v2_fractions", {"percent": percent, "method": method, "seed": seed,
                                         **run(train_vit, out, flags, summarize_v2)}, ("percent", "method", "seed"))
 
@@ -668,7 +672,7 @@ def adjacent_cosine_of(row):
 def fractions_table(rows):
     lines, tests = [], []
     for percent in sorted({r["percent"] for r in rows}):
-        for m in ("head", "lora", "ib", "graph", "structlora") + PEERS:  # ib, graph: diagnostics where they ran
+        for m in ("head", "lora", "ib", *FRACTION_VARIANTS, "graph", "structlora") + PEERS:  # diagnostics where they ran
             runs = [r for r in rows if (r["percent"], r["method"]) == (percent, m)]
             if not runs:
                 continue

@@ -201,3 +201,18 @@ def test_llama_table_shows_the_base_model_row(tmp_path, monkeypatch):
     text = study.llama_table(rows)
     assert f"| – | {study.LLAMA_BASE} | 51.50 |" in text
     assert "| 2 | lora | 63.00 ± 1.00 |" in text  # 62, 63, 64 and "seeds [0, 1, 2]" in text
+
+
+def test_fractions_runs_the_variants_with_their_flags(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(study, "fraction_lr", lambda: "2e-3")
+    calls = []
+    monkeypatch.setattr(study, "run", lambda script, out, flags, reduce: calls.append((out, flags)) or
+                        {"accuracy": 0.5, "n_train": 15000, "steps": 469})
+    study.fractions(seeds=(1,), percents=(25,), methods=("ib beta=0", "graph"))
+    (out_a, a), (out_b, b) = calls
+    assert out_a.endswith("/p25_r8_ib_beta0_lr2e-3_seed1") and "--method=ib" in a and "--beta=0" in a
+    assert "--method=graph" in b and not any(f.startswith("--beta") for f in b)
+    assert "--train-fraction=0.25" in a and "--epochs=1" in a and "--lr=2e-3" in a and "--seed=1" in a
+    rows = study.load_rows("v2_fractions")
+    assert [(r["method"], r["seed"], r["percent"]) for r in rows] == [("ib beta=0", 1, 25), ("graph", 1, 25)]
