@@ -4,11 +4,12 @@ study v2: what adapters add over the head, peers, more data, Table 6, a ground-t
     python study.py vit      # DINOv2-S on Fashion-MNIST: r {2,4,8} × 4 methods × seeds {0,1,2} × {10, 50} images/class
     python study.py filter   # r = 8, 50 images/class: IB gate vs top-k-norm vs random mask (same kept directions)
     python study.py investigate  # held-out: one knob at a time (gate init, β, η₀, edge rule) at r = 8, 10/class
-    python study.py llama    # SmolLM2-135M on fine-foods: r {2,8} × {lora, structlora} × seeds {0,1,2}
+    python study.py llama    # SmolLM2-135M on fine-foods: the untrained base, r {2,8} × {lora, structlora} × seeds {0,1,2}
     python study.py lr       # v2, held-out: lr of the head alone and of peft's LoRA, DoRA, AdaLoRA (seed 0)
     python study.py peers    # v2: head, lora, structlora, peft-lora, dora, adalora at r = 8, 50 and 10 images/class
     python study.py table6   # v2: smooth/gcn × T = 1..3, chain/semantic edges, lora+cos, lora+laplacian (r = 8, 50/class)
     python study.py fractions --percents 10 25 100  # v2: one epoch over 10/25/100% of the training set
+                                                    # (--methods graph ib "ib beta=0": which part costs accuracy)
     python study.py groundtruth  # v2: planted ΔW* (smooth / independent / noisy) on a random 12-block network
     python study.py report   # tables with paired t-tests → results/study/tables.md, tables_v2.md; figures → *.png
     python study.py all

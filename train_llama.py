@@ -51,7 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/llama", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
     add_export_args(p)
     distributed.add_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.epochs < 0:
+        p.error(f"--epochs {args.epochs}: must be 0 (score the base model) or more")
+    return args
 
 
 def encode(tok, ex, args, candidate=None):

@@ -167,3 +167,8 @@ def test_train_llama_epochs_0_scores_the_base_model(tmp_path, monkeypatch):
     _, test = train_llama.load_text_task("boolq", None, args.train_file, args.eval_file)
     assert train_llama.evaluate(base, test[:args.eval_samples], tok, args, "base") == seen["eval adapted"]
     assert m["steps"] == 0 and m["merged_prediction_agreement"] == 1.0
+
+
+def test_train_llama_refuses_negative_epochs():
+    with pytest.raises(SystemExit):
+        train_llama.parse_args(["--epochs", "-1"])
