@@ -14,11 +14,15 @@ class Killed(Exception):
     pass
 
 
+def flags(tiny):
+    """A 10-step train_vit run on the tiny checkpoint, with a checkpoint every 2 steps."""
+    return ["--model", str(tiny / "ckpt"), "--dataset", "imagefolder", "--data-dir", str(tiny / "data"), "--image-size",
+            "28", "--shots-per-class", "0", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--rank", "2",
+            "--semantic-every", "1", "--beta", "0.05", "--save-every", "2"]
+
+
 def run(tiny, out, *extra):
-    return train_vit.main(train_vit.parse_args([
-        "--model", str(tiny / "ckpt"), "--dataset", "imagefolder", "--data-dir", str(tiny / "data"), "--image-size",
-        "28", "--shots-per-class", "0", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2", "--rank", "2",
-        "--semantic-every", "1", "--beta", "0.05", "--save-every", "2", "--out", str(out), *extra]))
+    return train_vit.main(train_vit.parse_args(flags(tiny) + ["--out", str(out), *extra]))
 
 
 def kill_at(monkeypatch, obj, name, n):
@@ -120,19 +124,17 @@ def test_study_continues_a_killed_run_from_its_checkpoint(tiny, tmp_path, monkey
     """study.py's long runs (one epoch over 100% of Fashion-MNIST) write checkpoints; a study killed
     mid-run and started again continues that run from its last checkpoint, ending where one go ends."""
     import study
-    flags = ["--model", str(tiny / "ckpt"), "--dataset", "imagefolder", "--data-dir", str(tiny / "data"),
-             "--image-size", "28", "--shots-per-class", "0", "--epochs", "2", "--batch-size", "4", "--lr", "1e-2",
-             "--rank", "2", "--semantic-every", "1", "--beta", "0.05", "--save-every", "2", "--method", "structlora"]
-    whole = study.run(train_vit, str(tmp_path / "whole"), flags, reduce=lambda m, wall, out: m)
+    args = flags(tiny) + ["--method", "structlora"]
+    whole = study.run(train_vit, str(tmp_path / "whole"), args, reduce=lambda m, wall, out: m)
     with monkeypatch.context() as m:
         kill_at(m, StructLoRA, "step", 7)
         with pytest.raises(Killed):
-            study.run(train_vit, str(tmp_path / "killed"), flags)
+            study.run(train_vit, str(tmp_path / "killed"), args)
     started = []
     with monkeypatch.context() as m:
         real = StructLoRA.step
         m.setattr(StructLoRA, "step", lambda self, *a, **k: (started.append(1), real(self, *a, **k))[1])
-        again = study.run(train_vit, str(tmp_path / "killed"), flags, reduce=lambda m, wall, out: m)
+        again = study.run(train_vit, str(tmp_path / "killed"), args, reduce=lambda m, wall, out: m)
     assert len(started) == 4  # steps 7..10, not 1..10
     assert again["accuracy"] == pytest.approx(whole["accuracy"])
     assert_same(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"))
