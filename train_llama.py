@@ -17,14 +17,14 @@ import time
 import torch
 from tqdm import tqdm
 
-import distributed
-from common import (DTYPES, add_export_args, add_method_args, optimizer, parameter_counts, print_adapter_summary,
+from training import distributed
+from training.common import (DTYPES, add_export_args, add_method_args, optimizer, parameter_counts, print_adapter_summary,
                     structlora_config)
-from lm_scoring import answer_logprobs, candidate_scores
+from training.lm_scoring import answer_logprobs, candidate_scores
 from models.hub import base_name, module_renamer
 from models.llama import OFFLINE, hf_key, load_llama, load_tokenizer, save_pretrained
 from structlora import StructLoRA
-from text_data import load_text_task
+from training.text_data import load_text_task
 
 
 def parse_args(argv=None):

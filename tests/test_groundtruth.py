@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import groundtruth as gt
+from experiments import groundtruth as gt
 from structlora import StructLoRA, StructLoRAConfig
 
 TINY = gt.GroundTruthConfig(dim=6, depth=12, planted_rank=2, n_train=300, n_test=4)

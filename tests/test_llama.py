@@ -142,7 +142,7 @@ def test_train_llama_main_on_tiny_checkpoint(tmp_path, extra):
 
 
 def test_fine_foods_reader():
-    from text_data import load_fine_foods
+    from training.text_data import load_fine_foods
     try:
         train, test = load_fine_foods()
     except FileNotFoundError:

@@ -163,7 +163,7 @@ def test_kl_is_finite_for_saturated_gates_and_reg_loss_is_zero_without_reg():
 def test_fsdp_gradient_sync_keeps_a_gradient_no_rank_has_missing(tmp_path):
     import argparse
     import torch.distributed as dist
-    from distributed import sync_gradients
+    from training.distributed import sync_gradients
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
         used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))

@@ -1,4 +1,4 @@
-"""study.py's statistics against scipy, and its report on synthetic runs."""
+"""experiments/study.py's statistics against scipy, and its report on synthetic runs."""
 import importlib.util
 import json
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import study
+from experiments import study
 from structlora import StructLoRA, StructLoRAConfig
 from toy import ToyModel, randomize_adapters
 
@@ -52,7 +52,7 @@ def test_report_on_synthetic_runs(tmp_path, monkeypatch):
     assert f"| 2 | lora | {sum(lora_r2) / 3:.2f} ± " in text
     assert "### Filter comparison" in text and "### Investigation" in text
     assert "SmolLM2" not in text  # llama.json absent: skipped
-    if importlib.util.find_spec("matplotlib"):  # the plot is optional (requirements-study.txt)
+    if importlib.util.find_spec("matplotlib"):  # the plot is optional (experiments/requirements.txt)
         assert (tmp_path / "accuracy.png").stat().st_size > 10_000
 
 

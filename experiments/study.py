@@ -1,22 +1,22 @@
 """The small-scale reproduction study: rank sweep, low data, ablation, filter comparison (paper §5), and
 study v2: what adapters add over the head, peers, more data, Table 6, a ground-truth task, figures.
 
-    python study.py vit      # DINOv2-S on Fashion-MNIST: r {2,4,8} × 4 methods × seeds {0,1,2} × {10, 50} images/class
-    python study.py filter   # r = 8, 50 images/class: IB gate vs top-k-norm vs random mask (same kept directions)
-    python study.py investigate  # held-out: one knob at a time (gate init, β, η₀, edge rule) at r = 8, 10/class
-    python study.py llama    # SmolLM2-135M on fine-foods: the untrained base, r {2,8} × {lora, structlora} × seeds {0,1,2}
-    python study.py lr       # v2, held-out: lr of the head alone and of peft's LoRA, DoRA, AdaLoRA (seed 0)
-    python study.py peers    # v2: head, lora, structlora, peft-lora, dora, adalora at r = 8, 50 and 10 images/class
-    python study.py table6   # v2: smooth/gcn × T = 1..3, chain/semantic edges, lora+cos, lora+laplacian (r = 8, 50/class)
-    python study.py fractions --percents 10 25 100  # v2: one epoch over 10/25/100% of the training set
+    python -m experiments.study vit      # DINOv2-S on Fashion-MNIST: r {2,4,8} × 4 methods × seeds {0,1,2} × {10, 50} images/class
+    python -m experiments.study filter   # r = 8, 50 images/class: IB gate vs top-k-norm vs random mask (same kept directions)
+    python -m experiments.study investigate  # held-out: one knob at a time (gate init, β, η₀, edge rule) at r = 8, 10/class
+    python -m experiments.study llama    # SmolLM2-135M on fine-foods: the untrained base, r {2,8} × {lora, structlora} × seeds {0,1,2}
+    python -m experiments.study lr       # v2, held-out: lr of the head alone and of peft's LoRA, DoRA, AdaLoRA (seed 0)
+    python -m experiments.study peers    # v2: head, lora, structlora, peft-lora, dora, adalora at r = 8, 50 and 10 images/class
+    python -m experiments.study table6   # v2: smooth/gcn × T = 1..3, chain/semantic edges, lora+cos, lora+laplacian (r = 8, 50/class)
+    python -m experiments.study fractions --percents 10 25 100  # v2: one epoch over 10/25/100% of the training set
                                                     # (--methods graph ib "ib beta=0": which part costs accuracy)
-    python study.py groundtruth  # v2: planted ΔW* (smooth / independent / noisy) on a random 12-block network
-    python study.py report   # tables with paired t-tests → results/study/tables.md, tables_v2.md; figures → *.png
-    python study.py all
+    python -m experiments.study groundtruth  # v2: planted ΔW* (smooth / independent / noisy) on a random 12-block network
+    python -m experiments.study report   # tables with paired t-tests → experiments/results/study/tables.md, tables_v2.md; figures → *.png
+    python -m experiments.study all
 
 Every run goes through train_vit.py / train_llama.py with their defaults (chosen on held-out data),
 so every method gets the same data, steps and learning rates. Runs are resumable: a run whose
-runs/study/.../metrics.json exists is read back, not repeated. Results: results/study/*.json.
+runs/study/.../metrics.json exists is read back, not repeated. Results: experiments/results/study/*.json.
 """
 import argparse
 import fcntl
@@ -31,10 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import groundtruth
+from experiments import groundtruth
 import train_llama
 import train_vit
-from baselines import BASELINES
+from training.baselines import BASELINES
 from structlora import (StructLoRA, StructLoRAConfig, adjacent_cosine, deterministic_gate, factor_gram,
                         read_adapter_config)
 
@@ -43,7 +43,7 @@ RANKS, METHODS, SEEDS = (2, 4, 8), ("lora", "ib", "graph", "structlora"), (0, 1,
 SIZES = {10: ["--shots-per-class", "10", "--epochs", "20"], 50: ["--shots-per-class", "50", "--epochs", "6"]}
 VIT_EVAL = ["--test-samples", "3000", "--merged-eval-samples", "256"]
 # At the held-out-best control lr (5e-2) the gate keeps every direction; at 2e-1 it closes about 70%
-# of them (results/vit_holdout_control_lr), so the filters are compared there, all at that lr.
+# of them (experiments/results/sweeps/vit_holdout_control_lr), so the filters are compared there, all at that lr.
 FILTER_RANK, FILTER_SIZE, FILTER_CONTROL_LR = 8, 50, "2e-1"
 LLAMA_RANKS, LLAMA_METHODS = (2, 8), ("lora", "structlora")
 LLAMA_BASE = "base model, untrained"
@@ -58,8 +58,9 @@ VARIANTS = {
     "chain edges only": ["--semantic-every=0"],
     "semantic-threshold 0": ["--semantic-threshold=0"],
 }
-RESULTS, RUNS = "results/study", "runs/study"
-RESULTS_MD = "RESULTS.md"  # its <!-- v2_* --> blocks are rewritten by `report`
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS, RUNS = os.path.join(HERE, "results", "study"), "runs/study"
+RESULTS_MD = os.path.join(HERE, "README.md")  # its <!-- v2_* --> blocks are rewritten by `report`
 STOP_AT = None  # "HH:MM": start no new training run after this time of day (--stop-at)
 
 
@@ -201,7 +202,7 @@ TABLE6 = {
 }
 PERCENTS = (10, 25, 100)   # % of the 60 000 Fashion-MNIST training images, one epoch each
 # One epoch over 10% or more is 188–1875 steps, not ~100: LoRA at 5e-3 diverged after warm-up on 100%
-# (results/study/v2_p100_lora_lr5e-3_killed.txt), so the lr of these runs is chosen again, held-out, at 10%.
+# (experiments/results/study/v2_p100_lora_lr5e-3_killed.txt), so the lr of these runs is chosen again, held-out, at 10%.
 FRACTION_LRS = ("1e-3", "2e-3", "5e-3")
 # Diagnostics for the fractions (which part of StructLoRA costs accuracy in long runs): `ib` and `graph`
 # are methods of train_vit.py; these are methods with one flag changed
@@ -217,7 +218,7 @@ def slug(name):
 
 
 def record(name, row, keys):
-    """Adds `row` to results/study/{name}.json, replacing the row with the same values at `keys`; rows of
+    """Adds `row` to experiments/results/study/{name}.json, replacing the row with the same values at `keys`; rows of
     other seeds or settings, from earlier calls, stay. Locked: two studies may run side by side."""
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, f".{name}.lock"), "w") as lock:
@@ -239,17 +240,17 @@ def held_out_means():
     for r in load_rows("v2_lr"):
         runs.setdefault((r["method"], r["lr"]), []).append(r["accuracy"])
     if not runs:
-        raise SystemExit("no held-out lr search: run `python study.py lr` first")
+        raise SystemExit("no held-out lr search: run `python -m experiments.study lr` first")
     return {k: statistics.mean(v) for k, v in runs.items()}
 
 
 def best_lr(method):
-    """The held-out-best lr (python study.py lr); lora and structlora keep the first study's 5e-3."""
+    """The held-out-best lr (python -m experiments.study lr); lora and structlora keep the first study's 5e-3."""
     if method not in LR_GRID:
         return "5e-3"
     means = {lr: acc for (m, lr), acc in held_out_means().items() if m == method}
     if not means:
-        raise SystemExit(f"no held-out lr search for {method}: run `python study.py lr` first")
+        raise SystemExit(f"no held-out lr search for {method}: run `python -m experiments.study lr` first")
     return max(means, key=lambda lr: (means[lr], -float(lr)))
 
 
@@ -313,7 +314,7 @@ def fraction_lr():
     for r in load_rows("v2_fraction_lr"):
         runs.setdefault(r["lr"], []).append(r["accuracy"])
     if not runs:
-        raise SystemExit("no held-out lr for the fractions: run `python study.py fraction-lr` first")
+        raise SystemExit("no held-out lr for the fractions: run `python -m experiments.study fraction-lr` first")
     return max(runs, key=lambda lr: (statistics.mean(runs[lr]), -float(lr)))
 
 
@@ -572,7 +573,7 @@ def report():
                        ("llama", llama_table)):
         path = os.path.join(RESULTS, f"{name}.json")
         if not os.path.isfile(path):
-            print(f"skipping {name}: {path} not found (run `python study.py {name.replace('vit_', '')}`)")
+            print(f"skipping {name}: {path} not found (run `python -m experiments.study {name.replace('vit_', '')}`)")
             continue
         with open(path) as f:
             rows = json.load(f)
@@ -583,7 +584,7 @@ def report():
             try:
                 plot(rows, os.path.join(RESULTS, "accuracy.png"))
             except ImportError:
-                print("no plot: matplotlib is not installed (pip install -r requirements-study.txt)")
+                print("no plot: matplotlib is not installed (pip install -r experiments/requirements.txt)")
     parts.append(f"Training + evaluation time summed over all runs: {total / 60:.0f} min on this machine.\n")
     with open(os.path.join(RESULTS, "tables.md"), "w") as f:
         f.write("\n".join(parts))
@@ -591,7 +592,7 @@ def report():
 
 
 # ----------------------------------------------------------------------------------------------
-# Study v2 report: every table and figure from results/study/v2_*.json
+# Study v2 report: every table and figure from experiments/results/study/v2_*.json
 
 
 def versus(rows, base, **key):
@@ -839,7 +840,7 @@ def fill_results(blocks):
 
 
 def report_v2():
-    """The v2 tables (results/study/tables_v2.md, and their blocks in RESULTS.md) and figures, from
+    """The v2 tables (experiments/results/study/tables_v2.md, and their blocks in experiments/README.md) and figures, from
     whatever v2 runs are saved."""
     blocks, tests, seconds = {}, [], 0.0
     for name, make in (("v2_lr", lr_table), ("v2_peers", peers_table), ("v2_table6", table6_table),
@@ -862,7 +863,7 @@ def report_v2():
                 plot_groundtruth(load_rows("v2_groundtruth"), os.path.join(RESULTS, "groundtruth.png"))]
         print(f"{sum(made)} of 4 v2 figures written")
     except ImportError:
-        print("no plots: matplotlib is not installed (pip install -r requirements-study.txt)")
+        print("no plots: matplotlib is not installed (pip install -r experiments/requirements.txt)")
     with open(os.path.join(RESULTS, "tables_v2.md"), "w") as f:
         f.write("\n".join(blocks.values()))
     fill_results(blocks)

@@ -3,7 +3,7 @@ share. A `forward(input_ids, attention_mask, logits_at)` returns the logits at t
 bool mask `logits_at`, so one helper serves a text-only decoder and a VLM."""
 import torch
 
-from common import autocast
+from training.common import autocast
 
 
 def collate(pairs, pad_id):

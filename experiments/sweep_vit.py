@@ -1,7 +1,7 @@
 """Runs train_vit.py over a grid of settings and seeds; writes every run's metrics and a table.
 
-    python sweep_vit.py --grid lr=1e-3,2e-3,5e-3 --grid method=lora,structlora --seeds 0 1 \
-        --out results/vit_lr -- --rank 2 --holdout-per-class 50
+    python -m experiments.sweep_vit --grid lr=1e-3,2e-3,5e-3 --grid method=lora,structlora --seeds 0 1 \
+        --out experiments/results/sweeps/vit_lr -- --rank 2 --holdout-per-class 50
 
 Arguments after `--` go to every run. Choose hyper-parameters with --holdout-per-class (held-out
 training images), never on the test split.
@@ -43,7 +43,7 @@ def main(argv=None):
             with open(os.path.join(args.out, "runs.json"), "w") as f:
                 json.dump(rows, f, indent=1)
     table = summarize(rows, [k for k, _ in axes])
-    table += f"\n{len(rows)} runs, {time.time() - t0:.0f}s in all; command: python sweep_vit.py {' '.join(argv)}\n"
+    table += f"\n{len(rows)} runs, {time.time() - t0:.0f}s in all; command: python -m experiments.sweep_vit {' '.join(argv)}\n"
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
     print(table)

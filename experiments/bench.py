@@ -1,7 +1,7 @@
 """What StructLoRA costs, measured side by side: ratios, not absolute times.
 
-    python bench.py                    # both offline default models, CPU here / CUDA where present
-    python bench.py --models vit --pairs 60 --rank 8
+    python -m experiments.bench                    # both offline default models, CPU here / CUDA where present
+    python -m experiments.bench --models vit --pairs 60 --rank 8
 
 1. Training step time against our LoRA, as interleaved pairs: every variant (LoRA, IB, graph,
    StructLoRA with the smooth or the gcn coordinator, peft's LoRA) lives in one process on its own
@@ -168,7 +168,7 @@ def memory_worker(model_name, variant, rank, device):
 def memory_table(model_name, args):
     peaks = {}
     for v in args.variants:
-        out = subprocess.run([sys.executable, __file__, "--memory-worker", model_name, v, str(args.rank),
+        out = subprocess.run([sys.executable, "-m", "experiments.bench", "--memory-worker", model_name, v, str(args.rank),
                               "--device", args.device], capture_output=True, text=True, check=True)
         peaks[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
     return {v: {"peak_bytes": p, "memory_ratio": p / peaks["lora"]} for v, p in peaks.items()}
@@ -178,7 +178,7 @@ def sharding_worker(mode, rank, device):
     """One torchrun rank: StructLoRA on the LLaMA default under DDP or FSDP2 (mode "fsdp"), three
     training steps on this rank's part of the batch. Rank 0 prints every rank's memory as JSON: after
     loading (each rank loads the whole base), after DDP / FSDP2 took the model, and the peak of the steps."""
-    import distributed
+    from training import distributed
     args = argparse.Namespace(device=device, fsdp=mode == "fsdp", batch_size=4)
     distributed.setup(args)
     base, ids, _, save = base_model("llama", args.device)
@@ -224,7 +224,7 @@ def sharding_table(args, world=2):
     out = {}
     for mode in ("ddp", "fsdp"):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-               __file__, "--sharding-worker", mode, str(args.rank), "--device", args.device]
+               "-m", "experiments.bench", "--sharding-worker", mode, str(args.rank), "--device", args.device]
         # glibc would keep the freed all-gather buffers of FSDP mapped (its mmap threshold grows after each
         # free), and RSS would measure the allocator; a fixed threshold returns them, as the CUDA allocator does
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -384,7 +384,7 @@ def main():
     p.add_argument("--skip", default="", help="comma list of parts to skip: memory,sharding,eval,inference,scaling")
     p.add_argument("--profile", action="store_true", help="only: the profiler table of StructLoRA's extra step time")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="results/bench")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench"))
     p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "VARIANT", "RANK"), help=argparse.SUPPRESS)
     p.add_argument("--sharding-worker", nargs=2, metavar=("MODE", "RANK"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -405,7 +405,7 @@ def main():
         raise SystemExit("--variants must include lora: every ratio is against it")
     res = {"machine": f"{os.cpu_count()} CPU cores" + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
            "memory_tool": "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS (getrusage)",
-           "date": time.strftime("%Y-%m-%d"), "command": "python bench.py " + " ".join(sys.argv[1:])}
+           "date": time.strftime("%Y-%m-%d"), "command": "python -m experiments.bench " + " ".join(sys.argv[1:])}
     print("training steps (interleaved pairs in one process):")
     res["training"] = {m: training_pairs(m, args) for m in args.models}
     print("peak memory (a fresh subprocess per method):")

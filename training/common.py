@@ -6,7 +6,7 @@ from contextlib import nullcontext
 
 import torch
 
-from baselines import BASELINES
+from training.baselines import BASELINES
 from structlora import StructLoRA, StructLoRAConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of a frozen base
@@ -17,7 +17,7 @@ METHODS = {"lora": (False, False, "none"), "ib": (True, False, "none"), "graph":
 
 
 def add_method_args(p, rank=8, baselines=False):
-    """baselines=True also offers baselines.py's methods (the head alone; peft's LoRA, DoRA, AdaLoRA)."""
+    """baselines=True also offers training/baselines.py's methods (the head alone; peft's LoRA, DoRA, AdaLoRA)."""
     d = StructLoRAConfig()
     p.add_argument("--method", default="structlora", choices=list(METHODS) + (list(BASELINES) if baselines else []))
     p.add_argument("--rank", type=int, default=rank)
@@ -50,12 +50,12 @@ def add_method_args(p, rank=8, baselines=False):
 
 
 def make_adapter(model, args, total_steps, modules_to_save=()):
-    """StructLoRA for the methods of METHODS; the head alone or a peft peer (baselines.py) otherwise."""
+    """StructLoRA for the methods of METHODS; the head alone or a peft peer (training/baselines.py) otherwise."""
     if args.method in BASELINES:
         if getattr(args, "export_peft", False):
             raise SystemExit(f"--export-peft writes StructLoRA's ΔW^f; --method {args.method} has none "
                              "(the peft peers save a peft adapter anyway)")
-        from baselines import Baseline
+        from training.baselines import Baseline
         return Baseline(model, args.method, args.rank, args.alpha or 2.0 * args.rank,
                         args.target_modules.split(","), modules_to_save, total_steps)
     return StructLoRA(model, structlora_config(args, total_steps, modules_to_save))

@@ -7,7 +7,7 @@ coordinator help, which no real benchmark can.
     independent  ΔW*_ℓ = B_ℓ·A_ℓ: rank k, drawn independently for every layer
     noisy        ΔW*_ℓ = B·A + b_ℓ·a_ℓᵀ: a shared rank-k update plus one independent direction per layer
 
-    python groundtruth.py --structure smooth --method structlora --rank 4
+    python -m experiments.groundtruth --structure smooth --method structlora --rank 4
 """
 import argparse
 import copy
@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import add_method_args, make_adapter, optimizer
+from training.common import add_method_args, make_adapter, optimizer
 
 STRUCTURES = ("smooth", "independent", "noisy")
 TARGETS = ("q_proj", "v_proj")
