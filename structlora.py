@@ -7,7 +7,7 @@ Paper: "Not All Directions Matter: Toward Structured and Task-Aware Low-Rank Ada
     §2  IB gate         ΔW̃   = (α/r)·B·diag(m)·A,  m ~ Concrete(φ, τ)      gate_values, bernoulli_kl
     §3  coordinator     smooth: ΔW^f = C^T·ΔW̃,  C = (1-η)·I + η·Â          Smooth
                         gcn:    h ← h + σ((Â-I)·h·Θ^(t)),  t = 1..T         GCN
-    §4  loss, merge     L = L_task + β·Σ KL(q(m)‖p(m));  W = W0 + ΔW^f     StructLoRA
+    §4  loss, merge     L = L_task + (β/N)·Σ KL(q(m)‖p(m));  W = W0 + ΔW^f StructLoRA
 
 The coordinated update of layer ℓ is computed in factor form inside that layer's forward:
 
@@ -46,12 +46,19 @@ class StructLoRAConfig:
     ib: bool = True                   # §2 IB gate on the r directions (False: m = 1)
     graph: bool = True                # §3 graph coordinator across depth (False: each layer alone)
     # §2 IB gate
-    beta: float = 1e-3                # weight of the KL penalty, per direction
+    beta: float = 1.0                 # weight of the KL penalty on the whole training set (1: the ELBO's)
+    ib_weighting: str = "example"     # "example": β·KL/N per step (ELBO: the KL spread over the N examples the
+                                      # task loss averages); "step": β·KL per step (study v1, grows with run length)
+    num_train_examples: int = 0       # N, the training-set size: needed by ib_weighting="example"
     prior: float = 0.2                # π0 < prune_below, so a direction the task does not hold open closes
+    budget: float = 0.0               # 0: off; else the share of directions kept open, held by a Lagrange multiplier
+    budget_lr: float = 1e-2           # dual-ascent rate of that multiplier λ
     tau: float = 0.5                  # temperature of the relaxed-Bernoulli sample
     gate_init: float = 0.9            # σ(φ) at step 0: gates start open (must be ≥ prune_below)
     prune_below: float = 0.5          # at eval and merge, directions with σ(φ) below this are cut to 0
-    kl_warmup_steps: int = 0          # KL weight ramps linearly from 0 to β over this many step() calls
+    kl_warmup_steps: int = 0          # the KL term starts after this many step() calls (see kl_schedule)
+    kl_schedule: str = "hold"         # "hold": 0 then β (Adam ignores a gradient's scale: a ramp would not
+                                      # slow the gates while B ≈ 0 gives φ no task signal); "linear": 0 → β
     # §3 graph coordinator
     coordinator: str = "smooth"       # "smooth" (residual Laplacian step), "gcn" (learnable Θ, σ), "custom"
     graph_layers: int = 1             # T: message-passing layers; the update of ℓ mixes its T-hop neighbourhood
@@ -78,6 +85,12 @@ class StructLoRAConfig:
             raise ValueError(f"rank r must be a positive integer, got {self.r!r}")
         if self.alpha <= 0 or self.beta < 0 or self.kl_warmup_steps < 0:
             raise ValueError("need alpha > 0, beta ≥ 0 and kl_warmup_steps ≥ 0")
+        if not isinstance(self.num_train_examples, int) or self.num_train_examples < 0:
+            raise ValueError(f"num_train_examples must be an integer ≥ 0, got {self.num_train_examples!r}")
+        if not 0 <= self.budget < 1 or self.budget_lr <= 0:
+            raise ValueError("need 0 ≤ budget < 1 (0: off) and budget_lr > 0")
+        if self.budget > 0 and not self.ib:
+            raise ValueError("budget holds the share of open IB gates: it needs ib=True")
         if not self.target_modules:
             raise ValueError("target_modules is empty")
         if not 0 < self.prior < 1 or not 0 < self.gate_init < 1 or not 0 < self.prune_below < 1:
@@ -89,6 +102,7 @@ class StructLoRAConfig:
             raise ValueError("tau must be > 0 and dropout in [0, 1)")
         choices = {"coordinator": ("smooth", "gcn", "custom"), "edges": ("hybrid", "chain", "semantic"),
                    "gcn_activation": ("tanh", "identity"), "graph_norm": ("rw", "sym"),
+                   "ib_weighting": ("example", "step"), "kl_schedule": ("hold", "linear"),
                    "reg": ("none", "cos", "laplacian")}
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -533,6 +547,7 @@ class StructLoRA(nn.Module):
             for key, (layers, depth) in self.groups.items():
                 graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make)
         self.cfg, self.model, self.graphs, self.steps, self.merged = cfg, model, graphs, 0, False
+        self.register_buffer("budget_lambda", torch.zeros((), device=next(iter(lora_layers.values())).lora_A.device))
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         for name in cfg.modules_to_save:
@@ -568,14 +583,34 @@ class StructLoRA(nn.Module):
         return loss
 
     def ib_loss(self):
-        """§4: β·Σ_modules Σ_j KL(Bern(σ(φ_j)) ‖ Bern(π0)), warmed up over kl_warmup_steps."""
+        """§4: (β/N)·Σ_modules Σ_j KL(Bern(σ(φ_j)) ‖ Bern(π0)), from step kl_warmup_steps on. [OURS] The
+        task loss is a mean over examples, so the data-set-level KL of the ELBO enters each step as KL/N:
+        the prior then weighs less the more data there is (ib_weighting="step" drops the 1/N). In budget
+        mode, + λ·Σ_j (σ(φ_j) − budget): λ rises while more than `budget` of the gates are open (step())."""
         self._live()
         layers = list(self.lora_layers.values())
         if not self.cfg.ib:
             return layers[0].lora_A.new_zeros(())
-        warm = min(1.0, self.steps / self.cfg.kl_warmup_steps) if self.cfg.kl_warmup_steps > 0 else 1.0
-        kl = bernoulli_kl(torch.stack([l.gate_logits for l in layers]), self.cfg.prior).sum()
-        return self.cfg.beta * warm * kl
+        phi = torch.stack([l.gate_logits for l in layers])
+        kl = bernoulli_kl(phi, self.cfg.prior).sum()
+        loss = self.cfg.beta * self._kl_warmup() * kl / self._examples_per_kl()
+        if self.cfg.budget > 0:  # the Lagrangian term of "E[open share] = budget" (L0-style structured pruning)
+            loss = loss + self.budget_lambda.to(phi.dtype) * (torch.sigmoid(phi) - self.cfg.budget).sum()
+        return loss
+
+    def _kl_warmup(self):
+        W = self.cfg.kl_warmup_steps
+        if W == 0 or self.steps >= W:
+            return 1.0
+        return self.steps / W if self.cfg.kl_schedule == "linear" else 0.0
+
+    def _examples_per_kl(self):
+        if self.cfg.ib_weighting == "step":
+            return 1
+        if self.cfg.num_train_examples <= 0:
+            raise ValueError("the IB penalty is weighted per training example (β·KL/N, the ELBO reading): set "
+                             "StructLoRAConfig(num_train_examples=N), N the training-set size, or ib_weighting='step'")
+        return self.cfg.num_train_examples
 
     def reg_loss(self):
         """The appendix baselines (cfg.reg), summed over the depth neighbours of every target name."""
@@ -589,6 +624,10 @@ class StructLoRA(nn.Module):
         the semantic edges."""
         self._live()
         self.steps += 1
+        if self.cfg.budget > 0:  # dual ascent on λ: E[open share] = mean σ(φ), the same on every rank
+            with torch.no_grad():
+                share = torch.cat([torch.sigmoid(l.gate_logits) for l in self.lora_layers.values()]).mean()
+                self.budget_lambda += self.cfg.budget_lr * (share.to(self.budget_lambda) - self.cfg.budget)
         armed = any(l.sketch_P is not None for l in self.lora_layers.values())
         for graph in self.graphs.values():
             if armed:
@@ -684,6 +723,8 @@ class StructLoRA(nn.Module):
             sd[f"{name}.lora_A"], sd[f"{name}.lora_B"], sd[f"{name}.mask"] = layer.lora_A, layer.lora_B, layer.mask
             if layer.gate_logits is not None:
                 sd[f"{name}.gate_logits"] = layer.gate_logits
+        if self.cfg.budget > 0:
+            sd["budget_lambda"] = self.budget_lambda
         for key, graph in self.graphs.items():
             sd[f"graphs.{key}.adj"] = graph.adj
             sd.update({f"graphs.{key}.coordinator.{k}": v for k, v in graph.coordinator.state_dict().items()})

@@ -122,7 +122,7 @@ def main(args):
     base = lambda: load_llama(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     model = base()
     model.grad_checkpointing = args.grad_checkpointing
-    slora = StructLoRA(model, structlora_config(args, len(batches)))
+    slora = StructLoRA(model, structlora_config(args, len(batches), len(train)))
     opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, len(batches))
     step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
     n_train, n_all = parameter_counts(slora)

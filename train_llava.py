@@ -266,7 +266,7 @@ def main(args):
 def stage2(model, tok, image_id, train, test, metrics, args, ckpt):
     """Projector + LoRA / StructLoRA on the decoder; evaluation adapted and merged."""
     total = math.ceil(len(train) / args.batch_size) * args.epochs
-    slora = StructLoRA(model.language_model, structlora_config(args, total))
+    slora = StructLoRA(model.language_model, structlora_config(args, total, len(train)))
     model.projector.requires_grad_(True)
     opt_params = slora.param_groups(args.lr, args.control_lr, args.weight_decay) + [
         {"params": list(model.projector.parameters()), "lr": args.projector_lr}]

@@ -108,7 +108,7 @@ def main(args):
     base = lambda: load_vit(args.model, image_size=args.image_size, num_classes=n_classes).to(args.device)
     model = base()
     total = math.ceil(len(tx) / args.batch_size) * args.epochs
-    slora = make_adapter(model, args, total, modules_to_save=("head",))
+    slora = make_adapter(model, args, total, len(tx), modules_to_save=("head",))
     opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
     keep = read_keep(args) if args.mask != "none" else None
     step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0

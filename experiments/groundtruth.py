@@ -163,7 +163,7 @@ def main(args):
     torch.manual_seed(args.seed)
     cfg = GroundTruthConfig(**{f: getattr(args, f) for f in asdict(GroundTruthConfig())})
     base, teacher, planted, (x, y), (x_test, y_test) = make_task(cfg, args.structure, args.seed)
-    student = make_adapter(copy.deepcopy(base), args, args.steps)
+    student = make_adapter(copy.deepcopy(base), args, args.steps, cfg.n_train)
     opt, sched = optimizer(student.param_groups(args.lr, args.control_lr, args.weight_decay), args, args.steps)
     t0 = time.time()
     student.train()

@@ -207,6 +207,12 @@ FRACTION_LRS = ("1e-3", "2e-3", "5e-3")
 # Diagnostics for the fractions (which part of StructLoRA costs accuracy in long runs): `ib` and `graph`
 # are methods of train_vit.py; these are methods with one flag changed
 FRACTION_VARIANTS = {"ib beta=0": ["--method=ib", "--beta=0"]}
+# The IB gate weighted per example (β·KL/N) and held off during the warm-up: β, π0 and the control lr chosen
+# again, one at a time around the ELBO's β = 1, on held-out images at two data sizes (ib-search)
+IB_SEARCH = {"structlora": [], "structlora beta=0.1": ["--beta=0.1"], "structlora beta=10": ["--beta=10"],
+             "structlora prior=0.4": ["--prior=0.4"], "structlora control-lr=1e-2": ["--control-lr=1e-2"],
+             "lora": ["--method=lora"]}
+IB_SEARCH_PERCENTS = (10, 25)
 GT_N, GT_FLAGS = (256, 64), ["--steps=500", "--lr=2e-2", "--rank=4"]
 GT_METHODS = {"lora": ["--method=lora"], "ib": ["--method=ib"], "graph": ["--method=graph"],
               "structlora": ["--method=structlora"], "structlora gcn": ["--method=structlora", "--coordinator=gcn"],
@@ -316,6 +322,19 @@ def fraction_lr():
     if not runs:
         raise SystemExit("no held-out lr for the fractions: run `python -m experiments.study fraction-lr` first")
     return max(runs, key=lambda lr: (statistics.mean(runs[lr]), -float(lr)))
+
+
+def ib_search(seeds=(0,), percents=IB_SEARCH_PERCENTS, variants=None):
+    """StructLoRA's IB settings on 100 other training images per class (never the test split)."""
+    lr = fraction_lr()
+    for percent in percents:
+        for name in variants or IB_SEARCH:
+            for seed in seeds:
+                out = f"{V2}/ib_search/p{percent}_{slug(name)}_seed{seed}"
+                flags = fraction_flags(percent) + ["--holdout-per-class=100", "--merged-eval-samples=256",
+                                                   "--method=structlora", *IB_SEARCH[name], f"--lr={lr}", f"--seed={seed}"]
+                record("v2_ib_search", {"percent": percent, "variant": name, "seed": seed,
+                                        **run(train_vit, out, flags, summarize_v2)}, ("percent", "variant", "seed"))
 
 
 def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
@@ -872,11 +891,12 @@ def report_v2():
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr",
-                                    "fractions", "groundtruth", "report", "all"])
+                                    "ib-search", "fractions", "groundtruth", "report", "all"])
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the training runs (default 0 1 2; lr, fraction-lr: 0)")
     p.add_argument("--sizes", type=int, nargs="+", default=[50, 10], help="peers: images per class")
-    p.add_argument("--percents", type=int, nargs="+", default=list(PERCENTS), help="fractions: %% of the training set")
-    p.add_argument("--methods", nargs="+", default=None, help="peers, fractions: only these methods")
+    p.add_argument("--percents", type=int, nargs="+", default=None,
+                   help="fractions (default 10 25 100), ib-search (default 10 25): %% of the training set")
+    p.add_argument("--methods", nargs="+", default=None, help="peers, fractions, ib-search: only these methods/variants")
     p.add_argument("--samples", type=int, nargs="+", default=list(GT_N), help="groundtruth: training samples")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when two studies run side by side)")
     p.add_argument("--stop-at", default=None, help="HH:MM: start no new training run after this time of day")
@@ -884,13 +904,14 @@ if __name__ == "__main__":
     STOP_AT = args.stop_at
     if args.threads:
         torch.set_num_threads(args.threads)
-    seeds = tuple(args.seeds or ((0,) if args.part in ("lr", "fraction-lr") else SEEDS))
+    seeds = tuple(args.seeds or ((0,) if args.part in ("lr", "fraction-lr", "ib-search") else SEEDS))
     parts = {"vit": lambda: vit_grid(seeds), "filter": lambda: vit_filter(seeds), "investigate": lambda: investigate(seeds),
              "llama": lambda: llama(seeds), "lr": lambda: lr_search(seeds),
              "peers": lambda: peers(seeds, args.sizes, args.methods or PEER_METHODS),
              "table6": lambda: table6(seeds), "fraction-lr": lambda: fraction_lr_search(seeds),
-             "fractions": lambda: fractions(seeds, args.percents, args.methods),
+             "ib-search": lambda: ib_search(seeds, args.percents or IB_SEARCH_PERCENTS, args.methods),
+             "fractions": lambda: fractions(seeds, args.percents or PERCENTS, args.methods),
              "groundtruth": lambda: ground_truth(seeds, args.samples), "report": lambda: (report(), report_v2())}
-    for part in (["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr", "fractions",
+    for part in (["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr", "ib-search", "fractions",
                   "groundtruth", "report"] if args.part == "all" else [args.part]):
         parts[part]()

@@ -16,7 +16,7 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 torch.manual_seed(0)
 slora = StructLoRA(ToyModel(d=16, n_layers=5), StructLoRAConfig(
-    r=4, modules_to_save=("head",), semantic_every=2, semantic_threshold=-1.0))  # -1: every top-k pair is an edge
+    r=4, modules_to_save=("head",), num_train_examples=64, semantic_every=2, semantic_threshold=-1.0))  # -1: every top-k pair is an edge
 with torch.no_grad():
     next(iter(slora.lora_layers.values())).gate_logits[0] = -4.0  # pruned at eval, still trained
 ddp = DistributedDataParallel(slora)

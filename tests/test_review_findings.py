@@ -14,7 +14,7 @@ from toy import ToyModel, randomize_adapters, rel_err
 
 def make(**cfg):
     torch.manual_seed(0)
-    slora = StructLoRA(ToyModel(), StructLoRAConfig(**{"r": 4, "alpha": 8, "semantic_every": 0, **cfg}))
+    slora = StructLoRA(ToyModel(), StructLoRAConfig(**{"r": 4, "alpha": 8, "num_train_examples": 64, "semantic_every": 0, **cfg}))
     randomize_adapters(slora)
     return slora
 

@@ -11,7 +11,7 @@ from toy import ToyModel, randomize_adapters, rel_err
 def make(seed=0, **cfg):
     torch.manual_seed(seed)
     model = ToyModel()
-    cfg = StructLoRAConfig(**{"r": 4, "alpha": 8, **cfg})
+    cfg = StructLoRAConfig(**{"r": 4, "alpha": 8, "num_train_examples": 64, **cfg})
     return model, StructLoRA(copy.deepcopy(model), cfg)
 
 
@@ -313,7 +313,8 @@ def test_training_lowers_loss_and_strong_ib_closes_gates():
         for block in teacher.blocks:
             for lin in (block.q_proj, block.v_proj):
                 lin.weight += torch.randn(16, 1) @ torch.randn(1, 16) / 4
-    slora = StructLoRA(student, StructLoRAConfig(r=4, alpha=4, beta=1e-3, prior=0.05, kl_warmup_steps=50))
+    slora = StructLoRA(student, StructLoRAConfig(r=4, alpha=4, beta=1e-3, ib_weighting="step", prior=0.05,
+                                                 kl_warmup_steps=50))
     opt = torch.optim.AdamW(slora.trainable_parameters(), lr=1e-2, weight_decay=0.0)
     losses = []
     for step in range(300):

@@ -14,7 +14,7 @@ from toy import ToyModel, randomize_adapters, rel_err
 def make(checkpointing=None, **cfg):
     torch.manual_seed(0)
     base = ToyModel(checkpointing=checkpointing)
-    slora = StructLoRA(base, StructLoRAConfig(**{"r": 4, "alpha": 8, "semantic_every": 0, **cfg})).double()
+    slora = StructLoRA(base, StructLoRAConfig(**{"r": 4, "alpha": 8, "num_train_examples": 64, "semantic_every": 0, **cfg})).double()
     randomize_adapters(slora)
     graph = slora.graphs["q_proj"]
     adj = graph.adj.clone()
@@ -213,7 +213,7 @@ def test_readme_snippet_trains_gates_and_coordinator_and_merges(tmp_path, monkey
     scope = {"model": model, "data": data, "torch": torch, "F": F}
     exec(code, scope)
     assert not any(isinstance(m, LoRALinear) for m in scope["model"].modules())
-    assert scope["cfg"].kl_warmup_steps == 4 and (tmp_path / "adapter" / "adapter_config.json").exists()
+    assert scope["cfg"].kl_warmup_steps == 4 and scope["cfg"].num_train_examples == 320 and (tmp_path / "adapter" / "adapter_config.json").exists()
     control = scope["opt"].param_groups[1]  # φ of 10 layers and ψ of 2 graphs at the control lr, no decay
     assert (control["lr"], control["weight_decay"], len(control["params"])) == (5e-2, 0.0, 12)
     assert sorted(p.numel() for p in control["params"]) == [1, 1] + [8] * 10

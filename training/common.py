@@ -23,11 +23,19 @@ def add_method_args(p, rank=8, baselines=False):
     p.add_argument("--rank", type=int, default=rank)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default 2·rank, the paper's α/r = 2)")
     p.add_argument("--target-modules", default="q_proj,v_proj")
-    p.add_argument("--beta", type=float, default=d.beta, help="IB penalty weight β")
+    p.add_argument("--beta", type=float, default=d.beta,
+                   help="IB penalty weight β on the whole training set (per step β·KL/N; 1 = the ELBO's)")
+    p.add_argument("--ib-weighting", default=d.ib_weighting, choices=["example", "step"],
+                   help="example: β·KL/N per step (N training examples); step: β·KL per step (study v1)")
+    p.add_argument("--budget", type=float, default=d.budget,
+                   help="share of directions to keep open, held by a Lagrange multiplier (0: off)")
+    p.add_argument("--budget-lr", type=float, default=d.budget_lr, help="dual-ascent rate of the budget's multiplier")
     p.add_argument("--prior", type=float, default=d.prior, help="IB prior π0 of an open direction")
     p.add_argument("--gate-init", type=float, default=d.gate_init, help="σ(φ) of every gate at step 0")
     p.add_argument("--tau", type=float, default=d.tau, help="Concrete temperature τ")
-    p.add_argument("--kl-warmup", type=float, default=0.1, help="share of steps over which β ramps up")
+    p.add_argument("--kl-warmup", type=float, default=0.1, help="share of steps before the KL term starts")
+    p.add_argument("--kl-schedule", default=d.kl_schedule, choices=["hold", "linear"],
+                   help="hold: KL off during the warm-up, then β; linear: β ramps up over it (study v1)")
     p.add_argument("--eta-init", type=float, default=d.eta_init, help="initial smoothing step η")
     p.add_argument("--semantic-every", type=int, default=d.semantic_every, help="K: steps between edge rebuilds")
     p.add_argument("--semantic-topk", type=int, default=d.semantic_topk)
@@ -49,7 +57,7 @@ def add_method_args(p, rank=8, baselines=False):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
 
 
-def make_adapter(model, args, total_steps, modules_to_save=()):
+def make_adapter(model, args, total_steps, n_train, modules_to_save=()):
     """StructLoRA for the methods of METHODS; the head alone or a peft peer (training/baselines.py) otherwise."""
     if args.method in BASELINES:
         if getattr(args, "export_peft", False):
@@ -58,7 +66,7 @@ def make_adapter(model, args, total_steps, modules_to_save=()):
         from training.baselines import Baseline
         return Baseline(model, args.method, args.rank, args.alpha or 2.0 * args.rank,
                         args.target_modules.split(","), modules_to_save, total_steps)
-    return StructLoRA(model, structlora_config(args, total_steps, modules_to_save))
+    return StructLoRA(model, structlora_config(args, total_steps, n_train, modules_to_save))
 
 
 def add_export_args(p):
@@ -68,15 +76,17 @@ def add_export_args(p):
                    help="write OUT/peft_adapter/: ΔW^f as a PEFT LoRA adapter on the Hugging Face base model")
 
 
-def structlora_config(args, total_steps, modules_to_save=()):
+def structlora_config(args, total_steps, n_train, modules_to_save=()):
+    """The config of --method; n_train (the training examples of one epoch, all ranks) weighs the IB penalty."""
     ib, graph, reg = METHODS[args.method]
     return StructLoRAConfig(
         r=args.rank, alpha=args.alpha or 2.0 * args.rank, target_modules=tuple(args.target_modules.split(",")),
         modules_to_save=modules_to_save, ib=ib, graph=graph, reg=reg, reg_weight=args.reg_weight,
         coordinator=args.coordinator, graph_layers=args.graph_layers, edges=args.edges,
-        gcn_activation=args.gcn_activation, beta=args.beta, prior=args.prior, tau=args.tau,
+        gcn_activation=args.gcn_activation, beta=args.beta, ib_weighting=args.ib_weighting,
+        num_train_examples=n_train, budget=args.budget, budget_lr=args.budget_lr, prior=args.prior, tau=args.tau,
         gate_init=args.gate_init,
-        kl_warmup_steps=int(args.kl_warmup * total_steps), eta_init=args.eta_init,
+        kl_warmup_steps=int(args.kl_warmup * total_steps), kl_schedule=args.kl_schedule, eta_init=args.eta_init,
         semantic_every=args.semantic_every, semantic_topk=args.semantic_topk,
         semantic_threshold=args.semantic_threshold, seed=args.seed)
 
