@@ -204,6 +204,8 @@ PERCENTS = (10, 25, 100)   # % of the 60 000 Fashion-MNIST training images, one 
 # One epoch over 10% or more is 188–1875 steps, not ~100: LoRA at 5e-3 diverged after warm-up on 100%
 # (experiments/results/study/v2_p100_lora_lr5e-3_killed.txt), so the lr of these runs is chosen again, held-out, at 10%.
 FRACTION_LRS = ("1e-3", "2e-3", "5e-3")
+# "structlora v1", "ib v1": rows trained with study v1's gate (β = 1e-3 added per step, linear KL warm-up),
+# kept beside the per-example gate's rows. The peers part and Table 6 (50 images/class) ran v1's gate too.
 # Diagnostics for the fractions (which part of StructLoRA costs accuracy in long runs): `ib` and `graph`
 # are methods of train_vit.py; these are methods with one flag changed
 FRACTION_VARIANTS = {"ib beta=0": ["--method=ib", "--beta=0"]}
@@ -693,7 +695,7 @@ def adjacent_cosine_of(row):
 def fractions_table(rows):
     lines, tests = [], []
     for percent in sorted({r["percent"] for r in rows}):
-        for m in ("head", "lora", "ib", *FRACTION_VARIANTS, "graph", "structlora") + PEERS:  # diagnostics where they ran
+        for m in ("head", "lora", "ib v1", "ib", *FRACTION_VARIANTS, "graph", "structlora v1", "structlora") + PEERS:
             runs = [r for r in rows if (r["percent"], r["method"]) == (percent, m)]
             if not runs:
                 continue
@@ -803,12 +805,13 @@ def plot_energy(rows, path, variants=("lora", "structlora (smooth T=1, hybrid)",
 
 def plot_fractions(frac_rows, peer_rows, path):
     """Accuracy vs share of the training set; 50 images/class (0.83%, six epochs) from the peers part."""
-    points = [(100 * 500 / 60000, r) for r in peer_rows if r["size"] == 50] + [(r["percent"], r) for r in frac_rows]
+    v1 = lambda r: {**r, "method": "structlora v1"} if r["method"] == "structlora" else r  # the peers ran v1's gate
+    points = [(100 * 500 / 60000, v1(r)) for r in peer_rows if r["size"] == 50] + [(r["percent"], r) for r in frac_rows]
     if not frac_rows:
         return False
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for m in PEER_METHODS:
+    for m in PEER_METHODS + ("structlora v1",):
         xs = sorted({x for x, r in points if r["method"] == m})
         ys = [mean_sd([100 * r["accuracy"] for x2, r in points if r["method"] == m and x2 == x]) for x in xs]
         if xs:
