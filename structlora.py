@@ -305,7 +305,8 @@ def hop_order(adj, hops):
             frontier = sorted({j for f in frontier for j in nbrs[f]} - set(order))
             order += frontier
             count.append(len(order))
-        orders.append(order), counts.append(count)
+        orders.append(order)
+        counts.append(count)
     return orders, counts
 
 
@@ -461,8 +462,10 @@ class LayerGraph(nn.Module):
         s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches])
         have = torch.tensor([float(x is not None) for x in sketches], device=dev)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(s), dist.all_reduce(have)  # with DDP's loss scaling, the average is the
-        s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0  # one-process sketch
+            # with DDP's loss scaling, the average is the one-process sketch
+            dist.all_reduce(s)
+            dist.all_reduce(have)
+        s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0
         if not have.any():
             return  # no training backward ran since the sketches were armed
         if not have.all():
@@ -740,7 +743,8 @@ class StructLoRA(nn.Module):
                   metadata={"structlora": json.dumps(meta)})  # so load_adapter can tell two saves apart
         with open(config + ".tmp", "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(weights + ".tmp", weights), os.replace(config + ".tmp", config)  # a killed save keeps the old files
+        os.replace(weights + ".tmp", weights)  # a killed save keeps the old files
+        os.replace(config + ".tmp", config)
 
     def load_adapter(self, path):
         """Loads a save_adapter() folder (see load_adapter_state)."""
@@ -841,7 +845,8 @@ def group_layers(lora_layers):
         role = re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name)  # blocks.3.attn.q_proj → blocks.*.attn.q_proj
         depth = seen[role] = seen.get(role, -1) + 1
         layers, depths = groups.setdefault((role, layer.base.out_features, layer.base.in_features), ([], []))
-        layers.append(layer), depths.append(depth)
+        layers.append(layer)
+        depths.append(depth)
     def label(role, out, inp, full):  # module names cannot hold ".": a role is written encoder/*/q_proj
         leaf, role = role.rpartition(".")[2], role.replace(".", "/")
         return [leaf, f"{leaf}_{out}x{inp}", role, f"{role}_{out}x{inp}"][full]

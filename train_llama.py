@@ -175,7 +175,10 @@ def train_loop(slora, net, opt, sched, batches, step, tok, args):
         loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
+        opt.step()
+        sched.step()  # one LR step per optimizer step: linear warm-up, then cosine decay (§4)
+        slora.step()  # before zero_grad: AdaLoRA's step reads .grad; StructLoRA's advances KL warm-up and edges
+        opt.zero_grad(set_to_none=True)  # None, not zeros: the memory is freed until the next backward
         distributed.checkpoint(args, step + 1, len(batches), slora, opt, sched)
         bar.set_postfix(epoch=step * args.epochs // len(batches), loss=f"{task.item():.3f}")
         bar.update()

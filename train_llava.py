@@ -217,9 +217,11 @@ def train_stage(model, slora, params, train, tok, image_id, args, stage, ckpt):
         loss = task + (slora.aux_loss() if slora else 0.0)  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if slora:
-            slora.step()
+        opt.step()
+        sched.step()  # one LR step per optimizer step: linear warm-up, then cosine decay (§4)
+        if slora is not None:  # stage 1 trains the projector alone
+            slora.step()  # before zero_grad: AdaLoRA's step reads .grad; StructLoRA's advances KL warm-up and edges
+        opt.zero_grad(set_to_none=True)  # None, not zeros: the memory is freed until the next backward
         distributed.checkpoint(args, step + 1, len(batches), slora, opt, sched, stage=stage,
                                projector=model.projector.state_dict())
         bar.set_postfix(loss=f"{task.item():.3f}")

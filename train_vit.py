@@ -168,7 +168,10 @@ def train(slora, net, opt, sched, tx, ty, keep, step, args):
         loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), sched.step(), slora.step(), opt.zero_grad(set_to_none=True)  # AdaLoRA's step reads .grad
+        opt.step()
+        sched.step()  # one LR step per optimizer step: linear warm-up, then cosine decay (§4)
+        slora.step()  # before zero_grad: AdaLoRA's step reads .grad; StructLoRA's advances KL warm-up and edges
+        opt.zero_grad(set_to_none=True)  # None, not zeros: the memory is freed until the next backward
         distributed.checkpoint(args, step + 1, total, slora, opt, sched)
         acc = (logits.argmax(-1) == labels).float().mean().item()
         bar.set_postfix(epoch=step * args.epochs // total, loss=f"{task.item():.3f}", acc=f"{acc:.2f}")

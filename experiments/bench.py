@@ -93,7 +93,13 @@ def summarize(ratios, target, seed=0):
 def training_step(model, aux, params, hook, loss_of):
     """One optimizer step of a wrapped variant, as a closure."""
     opt = torch.optim.AdamW(params, lr=1e-4)
-    return lambda: ((loss_of(model) + aux()).backward(), opt.step(), opt.zero_grad(set_to_none=True), hook())
+
+    def step():
+        (loss_of(model) + aux()).backward()
+        opt.step()
+        hook()  # the adapter's step, before zero_grad as in the training scripts
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def interleaved(fns, rounds, device):
@@ -159,7 +165,9 @@ def memory_worker(model_name, variant, rank, device):
     opt = torch.optim.AdamW(params, lr=1e-4)
     for _ in range(3):
         (loss_of(model) + aux()).backward()
-        opt.step(), opt.zero_grad(set_to_none=True), hook()
+        opt.step()
+        hook()  # the adapter's step, before zero_grad as in the training scripts
+        opt.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_bytes": peak}))
@@ -194,7 +202,9 @@ def sharding_worker(mode, rank, device):
         task = F.cross_entropy(logits.flatten(0, 1), ids[lo:hi, 1:].flatten(), reduction="sum") * w / ids[:, 1:].numel()
         (task + aux()).backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), opt.zero_grad(set_to_none=True), hook()
+        opt.step()
+        hook()  # the adapter's step, before zero_grad as in the training scripts
+        opt.zero_grad(set_to_none=True)
     mine = {"loaded_bytes": loaded, "wrapped_bytes": sharded, "peak_bytes": memory_now(args.device, peak=True)}
     ranks = [None] * distributed.world()
     torch.distributed.all_gather_object(ranks, mine)

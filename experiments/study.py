@@ -869,6 +869,13 @@ def report_v2():
     fill_results(blocks)
     print("\n".join(blocks.values()))
 
+
+def reports():
+    """The first study's tables, then v2's."""
+    report()
+    report_v2()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr",
@@ -890,7 +897,7 @@ if __name__ == "__main__":
              "peers": lambda: peers(seeds, args.sizes, args.methods or PEER_METHODS),
              "table6": lambda: table6(seeds), "fraction-lr": lambda: fraction_lr_search(seeds),
              "fractions": lambda: fractions(seeds, args.percents, args.methods),
-             "groundtruth": lambda: ground_truth(seeds, args.samples), "report": lambda: (report(), report_v2())}
+             "groundtruth": lambda: ground_truth(seeds, args.samples), "report": reports}
     for part in (["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr", "fractions",
                   "groundtruth", "report"] if args.part == "all" else [args.part]):
         parts[part]()

@@ -120,7 +120,9 @@ def test_regularizers_equal_their_dense_definitions(reg):
     with torch.no_grad():  # equal updates: both penalties vanish
         first = next(iter(slora.lora_layers.values()))
         for layer in slora.lora_layers.values():
-            layer.lora_A.copy_(first.lora_A), layer.lora_B.copy_(first.lora_B), layer.gate_logits.copy_(first.gate_logits)
+            layer.lora_A.copy_(first.lora_A)
+            layer.lora_B.copy_(first.lora_B)
+            layer.gate_logits.copy_(first.gate_logits)
     assert abs(slora.reg_loss().item()) < 1e-9
     slora.reg_loss().backward()  # and it is differentiable in the factors
     assert first.lora_B.grad is not None

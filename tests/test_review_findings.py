@@ -26,7 +26,9 @@ def train_steps(slora, n, autocast=False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = slora(torch.randn(4, 5, 16)).float().square().mean()
         (loss + slora.aux_loss()).backward()
-        opt.step(), opt.zero_grad(), slora.step()
+        opt.step()
+        slora.step()
+        opt.zero_grad()
 
 
 def test_bf16_autocast_training_survives_armed_sketches():

@@ -30,7 +30,8 @@ def test_plain_lora_equals_peft():
     ref.load_state_dict(sd, strict=False)
     x = torch.randn(2, 7, 16)
     assert rel_err(slora(x), ref(x)) < 1e-6
-    ref.eval(), slora.eval()
+    ref.eval()
+    slora.eval()
     assert rel_err(slora(x), ref(x)) < 1e-6
 
 
@@ -41,7 +42,9 @@ def test_only_adapter_parameters_train_and_base_stays_bit_identical():
     for _ in range(3):
         loss = slora(torch.randn(4, 6, 16)).square().mean() + slora.ib_loss()
         loss.backward()
-        opt.step(), opt.zero_grad(), slora.step()
+        opt.step()
+        slora.step()
+        opt.zero_grad()
     names = {n for n, p in slora.named_parameters() if p.requires_grad}
     assert names and all(n.endswith(("lora_A", "lora_B", "gate_logits", "eta_logit")) or ".head." in n
                          for n in names)
@@ -238,7 +241,9 @@ def test_save_load_reproduces_outputs(tmp_path):
     opt = torch.optim.AdamW(slora.trainable_parameters(), lr=1e-2)
     for _ in range(4):  # a few real steps so B, gates, η, edges and the head all move
         slora(torch.randn(4, 5, 16)).square().mean().backward()
-        opt.step(), opt.zero_grad(), slora.step()
+        opt.step()
+        slora.step()
+        opt.zero_grad()
     adj = slora.graphs["v_proj"].adj.clone()
     adj[0, 4] = adj[4, 0] = 1.0
     slora.graphs["v_proj"].set_edges(adj)
@@ -322,7 +327,9 @@ def test_training_lowers_loss_and_strong_ib_closes_gates():
             y = teacher(x)
         task = (slora(x) - y).square().mean()
         (task + slora.ib_loss()).backward()
-        opt.step(), opt.zero_grad(), slora.step()
+        opt.step()
+        slora.step()
+        opt.zero_grad()
         losses.append(task.item())
     assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:20])
     opened = slora.open_directions()

@@ -118,7 +118,9 @@ def train(slora, steps, first):
         torch.manual_seed(s)
         x = torch.randn(4, 5, 16, dtype=torch.float64)
         (slora(x).square().mean() + slora.aux_loss()).backward()
-        opt.step(), opt.zero_grad(), slora.step()
+        opt.step()
+        slora.step()
+        opt.zero_grad()
 
 
 @pytest.mark.parametrize("split", [3, 4])  # after a rebuild / while the sketches are armed
