@@ -188,7 +188,7 @@ def sharding_worker(mode, rank, device):
     loading (each rank loads the whole base), after DDP / FSDP2 took the model, and the peak of the steps."""
     from training import distributed
     args = argparse.Namespace(device=device, fsdp=mode == "fsdp", batch_size=4)
-    distributed.setup(args)
+    args.device = distributed.setup(args)
     base, ids, _, save = base_model("llama", args.device)
     slora, aux, params, hook = wrap(base, "structlora", rank, save)
     del base

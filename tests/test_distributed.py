@@ -175,3 +175,18 @@ def test_batch_size_the_world_does_not_divide_and_fsdp_without_torchrun_stop_fir
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="--fsdp shards over processes: launch with torchrun"):
         train_llama.main(train_llama.parse_args(argv + ["--fsdp", "--out", str(root / "odd")]))
+
+
+def test_global_batches_cut_each_epochs_order_and_draw_every_epoch():
+    """One process's batch order: epoch e's shuffle cut into batch_size pieces (the last shorter)."""
+    from training import distributed
+    orders = iter([[4, 0, 3, 1, 2], [2, 3, 0, 4, 1]])
+    batches = distributed.global_batches(list(range(5)), 2, 2, lambda items: next(orders))
+    assert batches == [[4, 0], [3, 1], [2], [2, 3], [0, 4], [1]]
+
+
+def test_setup_in_one_process_returns_the_device_and_leaves_args_alone(monkeypatch):
+    from training import distributed
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = train_vit.parse_args(["--device", "cpu"])
+    assert distributed.setup(args) == "cpu" and args.device == "cpu"
