@@ -161,7 +161,7 @@ class LoRALinear(nn.Module):
         # §2: gate logits φ, σ(φ) = gate_init at step 0
         init = math.log(cfg.gate_init / (1 - cfg.gate_init))
         self.gate_logits = nn.Parameter(torch.full((cfg.r,), init, **kw)) if cfg.ib else None
-        # A fixed 0/1 mask on the directions (all ones unless mask_directions() set it: filter baselines)
+        # A fixed 0/1 mask on the directions (all ones unless training/baselines.py's mask_directions set it)
         self.register_buffer("mask", torch.ones(cfg.r, **kw))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.graph = None                        # (LayerGraph, index of this layer), set by StructLoRA
@@ -624,28 +624,6 @@ class StructLoRA(nn.Module):
                    "lr": lr, "weight_decay": weight_decay},
                   {"params": self.control_parameters(), "lr": control_lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
-
-    @torch.no_grad()
-    def mask_directions(self, keep, rule, generator=None):
-        """Filter baselines (§5): fix each layer's mask to keep[name] directions, those with the largest
-        ‖b_j‖·‖a_j‖ = ‖b_j a_jᵀ‖_F (rule "norm", top-k-norm) or random ones (rule "random")."""
-        self._live()
-        if self.cfg.ib:
-            raise ValueError("mask_directions() replaces the IB gate: use it with ib=False")
-        if rule not in ("norm", "random"):
-            raise ValueError(f"rule must be 'norm' or 'random', got {rule!r}")
-        if set(keep) != set(self.lora_layers):
-            raise ValueError(f"keep must name every adapted layer; missing {sorted(set(self.lora_layers) - set(keep))[:4]}, "
-                             f"unknown {sorted(set(keep) - set(self.lora_layers))[:4]}")
-        for name, layer in self.lora_layers.items():
-            k = keep[name]
-            if not 0 <= k <= layer.r:
-                raise ValueError(f"keep[{name!r}] = {k} is outside [0, {layer.r}]")
-            if rule == "norm":
-                score = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)
-            else:
-                score = torch.rand(layer.r, generator=generator).to(layer.mask.device)
-            layer.mask.zero_()[score.topk(k).indices] = 1.0
 
     def open_directions(self):
         """Directions kept at eval per adapted layer: σ(φ) ≥ prune_below, or the fixed mask without IB."""

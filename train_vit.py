@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import distributed
+from training.baselines import mask_directions
 from training.common import (add_export_args, add_method_args, autocast, make_adapter, optimizer, parameter_counts,
                     print_adapter_summary)
 from training.image_data import few_shot, load_dataset, to_pixels
@@ -157,7 +158,7 @@ def train(adapter, net, opt, sched, tx, ty, keep, step, args):
     adapter.train()
     for step in range(step, total):
         if keep is not None and adapter.steps == int(args.mask_at * total):  # §5 filter baselines
-            adapter.mask_directions(keep, args.mask, torch.Generator().manual_seed(args.seed))
+            mask_directions(adapter, keep, args.mask, torch.Generator().manual_seed(args.seed))
         lo, hi, w = distributed.local_part(len(batches[step]))
         idx = batches[step][lo:hi]
         pixels = to_pixels(tx[idx], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from structlora import StructLoRA, StructLoRAConfig, bernoulli_kl
 from toy import ToyModel, randomize_adapters, rel_err
+from training.baselines import mask_directions
 
 
 def make(**cfg):
@@ -66,7 +67,7 @@ def test_gcn_pruned_direction_has_no_influence_on_the_merged_weights(T):
 
 def test_mask_survives_the_wrappers_state_dict_and_the_wrapper_pickles():
     slora = make(ib=False)
-    slora.mask_directions({n: 2 for n in slora.lora_layers}, "norm")
+    mask_directions(slora, {n: 2 for n in slora.lora_layers}, "norm")
     x = torch.randn(2, 5, 16)
     out = slora.eval()(x)
     again = make(ib=False)

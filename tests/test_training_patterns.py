@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from structlora import LoRALinear, StructLoRA, StructLoRAConfig
 from toy import ToyModel, randomize_adapters, rel_err
+from training.baselines import mask_directions
 
 
 def make(checkpointing=None, **cfg):
@@ -91,7 +92,7 @@ def test_merged_wrapper_refuses_every_call(tmp_path):
              lambda: slora.param_groups(1e-3, 1e-2, 0.0), slora.open_directions, slora.diagnostics,
              slora.merge_and_unload, slora.adapter_state, lambda: slora.save_adapter(tmp_path / "a"),
              lambda: slora.load_adapter(tmp_path / "a"), lambda: slora.export_peft(tmp_path / "p"),
-             lambda: slora.mask_directions({}, "norm")]
+             lambda: mask_directions(slora, {}, "norm")]
     for call in calls:
         with pytest.raises(RuntimeError, match="use the model it returned"):
             call()
