@@ -98,7 +98,8 @@ def test_llava_killed_in_stage_2_resumes_both_stages_exactly(tmp_path, monkeypat
     pytest.importorskip("transformers")
     import train_llava
     from test_llama import tiny_tokenizer
-    from test_llava import tiny_llava, write_conversations
+    from test_llava import tiny_llava
+    from test_train_llava import write_conversations
     tiny_llava(tmp_path / "llava")
     tiny_tokenizer(tmp_path / "llava")
     write_conversations(tmp_path, 7)

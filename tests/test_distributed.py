@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import train_llama
 import train_vit
@@ -151,7 +152,8 @@ def test_resume_on_two_processes_continues_a_one_process_run(llama, monkeypatch)
 
 def test_failing_rank_fails_the_whole_run(tmp_path):
     from test_llama import tiny_tokenizer
-    from test_llava import tiny_llava, write_conversations
+    from test_llava import tiny_llava
+    from test_train_llava import write_conversations
     tiny_llava(tmp_path / "llava")
     tiny_tokenizer(tmp_path / "llava")
     write_conversations(tmp_path, 4)
@@ -190,3 +192,20 @@ def test_setup_in_one_process_returns_the_device_and_leaves_args_alone(monkeypat
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     args = train_vit.parse_args(["--device", "cpu"])
     assert distributed.setup(args) == "cpu" and args.device == "cpu"
+
+
+def test_fsdp_gradient_sync_keeps_a_gradient_no_rank_has_missing(tmp_path):
+    import argparse
+    import torch.distributed as dist
+    from training.distributed import sync_gradients
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+        used.grad = torch.full((3,), 2.0)
+        opt = torch.optim.AdamW([used, unused], lr=0.1)
+        sync_gradients(opt, argparse.Namespace(fsdp=True))
+        assert unused.grad is None and torch.equal(used.grad, torch.full((3,), 2.0))
+        opt.step()
+        assert torch.equal(unused.data, torch.ones(2))  # no weight decay on a parameter without gradient
+    finally:
+        dist.destroy_process_group()

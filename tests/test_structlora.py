@@ -1,11 +1,13 @@
 import copy
+import io
 
 import numpy as np
 import pytest
 import torch
 
 from structlora import StructLoRA, StructLoRAConfig, bernoulli_kl, drift_energy, propagation_matrix
-from toy import ToyModel, randomize_adapters, rel_err
+from toy import ToyModel, make_toy, randomize_adapters, rel_err, train_steps
+from training.baselines import mask_directions
 
 
 def make(seed=0, **cfg):
@@ -347,3 +349,54 @@ def test_param_groups_split_control_logits_from_factors():
     assert sorted(grouped) == sorted(id(p) for p in slora.trainable_parameters())  # each exactly once
     _, plain = make(ib=False, graph=False)
     assert len(plain.param_groups(1e-3, 5e-2, 0.01)) == 1  # LoRA: no control parameters, no empty group
+
+
+def test_mask_survives_the_wrappers_state_dict_and_the_wrapper_pickles():
+    slora = make_toy(ib=False)
+    mask_directions(slora, {n: 2 for n in slora.lora_layers}, "norm")
+    x = torch.randn(2, 5, 16)
+    out = slora.eval()(x)
+    again = make_toy(ib=False)
+    again.load_state_dict(slora.state_dict())
+    assert rel_err(again.eval()(x), out) < 1e-6
+    buffer = io.BytesIO()
+    torch.save(slora, buffer)
+    buffer.seek(0)
+    assert rel_err(torch.load(buffer, weights_only=False).eval()(x), out) < 1e-6
+
+
+def test_a_rejected_adapter_leaves_the_wrapper_as_it_was():
+    slora = make_toy()
+    tensors, meta = make_toy().adapter_state()
+    tensors = {k: v.clone() + (0.5 if k.endswith("lora_A") else 0) for k, v in tensors.items()}
+    tensors["graphs.q_proj.adj"][0, 0] = 1.0  # a self-loop: not a valid adjacency
+    before = {k: v.clone() for k, v in slora.adapter_state()[0].items()}
+    with pytest.raises(ValueError, match="adjacency"):
+        slora.load_adapter_state(tensors, meta)
+    assert all(torch.equal(v, before[k]) for k, v in slora.adapter_state()[0].items())
+
+
+@pytest.mark.parametrize("bad", [dict(sketch_dim=0), dict(sketch_ema=1.5), dict(semantic_threshold=1.0),
+                                 dict(alpha=0.0), dict(beta=-1.0), dict(r=True), dict(semantic_topk=1.5),
+                                 dict(kl_warmup_steps=-1), dict(edges="semantic", semantic_every=0),
+                                 dict(edges="semantic", semantic_topk=0)])
+def test_more_config_gaps_are_refused(bad):
+    with pytest.raises(ValueError):
+        StructLoRAConfig(**bad)
+
+
+def test_adapter_files_from_two_saves_are_refused(tmp_path):
+    slora = make_toy(semantic_every=1, semantic_threshold=-1.0)
+    train_steps(slora, 1)
+    slora.save_adapter(tmp_path / "old")
+    train_steps(slora, 3)
+    slora.save_adapter(tmp_path / "new")
+    (tmp_path / "new" / "adapter_config.json").write_text((tmp_path / "old" / "adapter_config.json").read_text())
+    with pytest.raises(ValueError, match="different saves"):
+        make_toy(semantic_every=1, semantic_threshold=-1.0).load_adapter(tmp_path / "new")
+
+
+def test_kl_is_finite_for_saturated_gates_and_reg_loss_is_zero_without_reg():
+    kl = bernoulli_kl(torch.tensor([-float("inf"), -60.0, 0.0, 60.0, float("inf")]), 0.2)
+    assert torch.isfinite(kl).all()
+    assert make_toy().reg_loss().item() == 0.0

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from structlora import LoRALinear, StructLoRA, StructLoRAConfig
-from toy import ToyModel, randomize_adapters, rel_err
+from toy import ToyModel, make_toy, randomize_adapters, rel_err, train_steps
 from training.baselines import mask_directions
 
 
@@ -233,3 +233,11 @@ def test_no_grad_eval_call_equals_layer_by_layer_and_keeps_nothing(coordinator, 
             slora(torch.randn(2, 5, 7, dtype=torch.float64))  # a failing call clears them too
     assert rel_err(once, by_layer) < 1e-12
     assert all(l.precomputed is None for l in slora.lora_layers.values())
+
+
+def test_bf16_autocast_training_survives_armed_sketches():
+    slora, ref = make_toy(semantic_every=1, semantic_threshold=-1.0), make_toy(semantic_every=1, semantic_threshold=-1.0)
+    train_steps(slora, 3, autocast=True)  # step 1 arms, step 2's backward fills the sketches under autocast
+    train_steps(ref, 3)
+    for key, g in slora.graphs.items():
+        assert torch.cosine_similarity(g.sketch_ema.flatten(), ref.graphs[key].sketch_ema.flatten(), 0) > 0.99
