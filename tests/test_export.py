@@ -164,7 +164,7 @@ def test_train_llava_with_dinov2_tower_exports_hf_parts(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm_run(tmp_path_factory):
-    from models.llama import smollm2_gguf_path
+    from models.gguf import smollm2_gguf_path
     pytest.importorskip("gguf")
     try:
         smollm2_gguf_path()

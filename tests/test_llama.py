@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from models.llama import load_llama, load_tokenizer, smollm2_gguf_path
+from models.gguf import smollm2_gguf_path
+from models.llama import load_llama, load_tokenizer
 
 from toy import randomize, rel_err
 
