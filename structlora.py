@@ -175,7 +175,7 @@ class LoRALinear(nn.Module):
         # §2: gate logits φ, σ(φ) = gate_init at step 0
         init = math.log(cfg.gate_init / (1 - cfg.gate_init))
         self.gate_logits = nn.Parameter(torch.full((cfg.r,), init, **kw)) if cfg.ib else None
-        # A fixed 0/1 mask on the directions (all ones unless mask_directions() set it: filter baselines)
+        # A fixed 0/1 mask on the directions (all ones unless training/baselines.py's mask_directions set it)
         self.register_buffer("mask", torch.ones(cfg.r, **kw))
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.graph = None                        # (LayerGraph, index of this layer), set by StructLoRA
@@ -319,7 +319,8 @@ def hop_order(adj, hops):
             frontier = sorted({j for f in frontier for j in nbrs[f]} - set(order))
             order += frontier
             count.append(len(order))
-        orders.append(order), counts.append(count)
+        orders.append(order)
+        counts.append(count)
     return orders, counts
 
 
@@ -475,8 +476,10 @@ class LayerGraph(nn.Module):
         s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches])
         have = torch.tensor([float(x is not None) for x in sketches], device=dev)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(s), dist.all_reduce(have)  # with DDP's loss scaling, the average is the
-        s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0  # one-process sketch
+            # with DDP's loss scaling, the average is the one-process sketch
+            dist.all_reduce(s)
+            dist.all_reduce(have)
+        s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0
         if not have.any():
             return  # no training backward ran since the sketches were armed
         if not have.all():
@@ -661,28 +664,6 @@ class StructLoRA(nn.Module):
                   {"params": self.control_parameters(), "lr": control_lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
-    @torch.no_grad()
-    def mask_directions(self, keep, rule, generator=None):
-        """Filter baselines (§5): fix each layer's mask to keep[name] directions, those with the largest
-        ‖b_j‖·‖a_j‖ = ‖b_j a_jᵀ‖_F (rule "norm", top-k-norm) or random ones (rule "random")."""
-        self._live()
-        if self.cfg.ib:
-            raise ValueError("mask_directions() replaces the IB gate: use it with ib=False")
-        if rule not in ("norm", "random"):
-            raise ValueError(f"rule must be 'norm' or 'random', got {rule!r}")
-        if set(keep) != set(self.lora_layers):
-            raise ValueError(f"keep must name every adapted layer; missing {sorted(set(self.lora_layers) - set(keep))[:4]}, "
-                             f"unknown {sorted(set(keep) - set(self.lora_layers))[:4]}")
-        for name, layer in self.lora_layers.items():
-            k = keep[name]
-            if not 0 <= k <= layer.r:
-                raise ValueError(f"keep[{name!r}] = {k} is outside [0, {layer.r}]")
-            if rule == "norm":
-                score = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)
-            else:
-                score = torch.rand(layer.r, generator=generator).to(layer.mask.device)
-            layer.mask.zero_()[score.topk(k).indices] = 1.0
-
     def open_directions(self):
         """Directions kept at eval per adapted layer: σ(φ) ≥ prune_below, or the fixed mask without IB."""
         self._live()
@@ -781,7 +762,8 @@ class StructLoRA(nn.Module):
                   metadata={"structlora": json.dumps(meta)})  # so load_adapter can tell two saves apart
         with open(config + ".tmp", "w") as f:
             json.dump(meta, f, indent=1)
-        os.replace(weights + ".tmp", weights), os.replace(config + ".tmp", config)  # a killed save keeps the old files
+        os.replace(weights + ".tmp", weights)  # a killed save keeps the old files
+        os.replace(config + ".tmp", config)
 
     def load_adapter(self, path):
         """Loads a save_adapter() folder (see load_adapter_state)."""
@@ -882,7 +864,8 @@ def group_layers(lora_layers):
         role = re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name)  # blocks.3.attn.q_proj → blocks.*.attn.q_proj
         depth = seen[role] = seen.get(role, -1) + 1
         layers, depths = groups.setdefault((role, layer.base.out_features, layer.base.in_features), ([], []))
-        layers.append(layer), depths.append(depth)
+        layers.append(layer)
+        depths.append(depth)
     def label(role, out, inp, full):  # module names cannot hold ".": a role is written encoder/*/q_proj
         leaf, role = role.rpartition(".")[2], role.replace(".", "/")
         return [leaf, f"{leaf}_{out}x{inp}", role, f"{role}_{out}x{inp}"][full]

@@ -18,12 +18,11 @@ import torch
 from tqdm import tqdm
 
 from training import distributed
-from training.common import (DTYPES, add_export_args, add_method_args, optimizer, parameter_counts, print_adapter_summary,
-                    structlora_config)
+from training.common import (DTYPES, add_export_args, add_method_args, make_adapter, optimizer, parameter_counts,
+                             print_adapter_summary)
 from training.lm_scoring import answer_logprobs, candidate_scores
 from models.hub import base_name, module_renamer
 from models.llama import OFFLINE, hf_key, load_llama, load_tokenizer, save_pretrained
-from structlora import StructLoRA
 from training.text_data import load_text_task
 
 
@@ -104,8 +103,8 @@ def generations(model, examples, tok, args):
 def main(args):
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
-    distributed.setup(args)
-    ckpt = distributed.load_checkpoint(args)
+    args.device = distributed.setup(args)  # under torchrun on CUDA: this rank's cuda:LOCAL_RANK
+    ckpt, args.out = distributed.load_checkpoint(args)  # --resume RUN_DIR continues in RUN_DIR
     torch.manual_seed(args.seed)
     train, test = load_text_task(args.task, args.data_dir, args.train_file, args.eval_file)
     rng = random.Random(args.seed)
@@ -115,14 +114,12 @@ def main(args):
     if args.train_samples > 0:
         train = train[:args.train_samples]
     test = test[:args.eval_samples] if args.eval_samples > 0 else test
-    # one process's global batches: each epoch's order drawn from one generator, skipped steps included
-    batches = [order[i:i + args.batch_size] for order in (rng.sample(train, len(train)) for _ in range(args.epochs))
-               for i in range(0, len(train), args.batch_size)]
+    batches = distributed.global_batches(train, args.batch_size, args.epochs, lambda xs: rng.sample(xs, len(xs)))
     tok = load_tokenizer(args.model)
     base = lambda: load_llama(args.model, dtype=DTYPES[args.dtype]).to(args.device)
     model = base()
     model.grad_checkpointing = args.grad_checkpointing
-    slora = StructLoRA(model, structlora_config(args, len(batches), len(train)))
+    slora = make_adapter(model, args, len(batches), len(train))
     opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, len(batches))
     step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
     n_train, n_all = parameter_counts(slora)
@@ -175,7 +172,10 @@ def train_loop(slora, net, opt, sched, batches, step, tok, args):
         loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True), slora.step()
+        opt.step()
+        sched.step()  # one LR step per optimizer step: linear warm-up, then cosine decay (§4)
+        slora.step()  # before zero_grad: AdaLoRA's step reads .grad; StructLoRA's advances KL warm-up and edges
+        opt.zero_grad(set_to_none=True)  # None, not zeros: the memory is freed until the next backward
         distributed.checkpoint(args, step + 1, len(batches), slora, opt, sched)
         bar.set_postfix(epoch=step * args.epochs // len(batches), loss=f"{task.item():.3f}")
         bar.update()

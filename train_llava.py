@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from training import distributed
-from training.common import DTYPES, add_export_args, add_method_args, optimizer, print_adapter_summary, structlora_config
+from training.common import DTYPES, add_export_args, add_method_args, make_adapter, optimizer, print_adapter_summary
 from training.image_data import to_pixels
 from models import llama as llama_mod
 from models import llava as llava_mod
@@ -31,7 +31,7 @@ from models.llama import load_llama, load_tokenizer
 from models.llava import Llava, load_llava
 from models.vit import load_vit
 from training.lm_scoring import answer_logprobs, candidate_scores, next_token_logits
-from structlora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, StructLoRA
+from structlora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 IMAGE = "<image>"
 
@@ -199,8 +199,7 @@ def train_stage(model, slora, params, train, tok, image_id, args, stage, ckpt):
     cfg = model.vision_tower.cfg
     n_img = (cfg.image_size // cfg.patch_size) ** 2
     rng = random.Random(args.seed)
-    batches = [order[i:i + args.batch_size] for order in (rng.sample(train, len(train)) for _ in range(args.epochs))
-               for i in range(0, len(train), args.batch_size)]
+    batches = distributed.global_batches(train, args.batch_size, args.epochs, lambda xs: rng.sample(xs, len(xs)))
     opt, sched = optimizer(params, args, len(batches))  # each group carries its own lr
     step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
     blocks = [*model.vision_tower.blocks, *model.language_model.layers]
@@ -217,9 +216,11 @@ def train_stage(model, slora, params, train, tok, image_id, args, stage, ckpt):
         loss = task + (slora.aux_loss() if slora else 0.0)  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if slora:
-            slora.step()
+        opt.step()
+        sched.step()  # one LR step per optimizer step: linear warm-up, then cosine decay (§4)
+        if slora is not None:  # stage 1 trains the projector alone
+            slora.step()  # before zero_grad: AdaLoRA's step reads .grad; StructLoRA's advances KL warm-up and edges
+        opt.zero_grad(set_to_none=True)  # None, not zeros: the memory is freed until the next backward
         distributed.checkpoint(args, step + 1, len(batches), slora, opt, sched, stage=stage,
                                projector=model.projector.state_dict())
         bar.set_postfix(loss=f"{task.item():.3f}")
@@ -232,8 +233,8 @@ def main(args):
     from safetensors.torch import load_file
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
-    distributed.setup(args)
-    ckpt = distributed.load_checkpoint(args)
+    args.device = distributed.setup(args)  # under torchrun on CUDA: this rank's cuda:LOCAL_RANK
+    ckpt, args.out = distributed.load_checkpoint(args)  # --resume RUN_DIR continues in RUN_DIR
     torch.manual_seed(args.seed)
     train, test = load_examples(args)
     rng = random.Random(args.seed)
@@ -266,7 +267,7 @@ def main(args):
 def stage2(model, tok, image_id, train, test, metrics, args, ckpt):
     """Projector + LoRA / StructLoRA on the decoder; evaluation adapted and merged."""
     total = math.ceil(len(train) / args.batch_size) * args.epochs
-    slora = StructLoRA(model.language_model, structlora_config(args, total, len(train)))
+    slora = make_adapter(model.language_model, args, total, len(train))
     model.projector.requires_grad_(True)
     opt_params = slora.param_groups(args.lr, args.control_lr, args.weight_decay) + [
         {"params": list(model.projector.parameters()), "lr": args.projector_lr}]

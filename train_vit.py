@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from training import distributed
+from training.baselines import mask_directions
 from training.common import (add_export_args, add_method_args, autocast, make_adapter, optimizer, parameter_counts,
                     print_adapter_summary)
 from training.image_data import few_shot, load_dataset, to_pixels
@@ -96,8 +97,8 @@ def read_keep(args):
 def main(args):
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
-    distributed.setup(args)
-    ckpt = distributed.load_checkpoint(args)
+    args.device = distributed.setup(args)  # under torchrun on CUDA: this rank's cuda:LOCAL_RANK
+    ckpt, args.out = distributed.load_checkpoint(args)  # --resume RUN_DIR continues in RUN_DIR
     torch.manual_seed(args.seed)
     tx, ty, test_x, test_y = load_dataset(args.dataset, args.data_dir, args.image_size)
     train_idx, (split, eval_idx) = make_splits(args, ty, test_y)
@@ -108,28 +109,28 @@ def main(args):
     base = lambda: load_vit(args.model, image_size=args.image_size, num_classes=n_classes).to(args.device)
     model = base()
     total = math.ceil(len(tx) / args.batch_size) * args.epochs
-    slora = make_adapter(model, args, total, len(tx), modules_to_save=("head",))
-    opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
+    adapter = make_adapter(model, args, total, len(tx), modules_to_save=("head",))
+    opt, sched = optimizer(adapter.param_groups(args.lr, args.control_lr, args.weight_decay), args, total)
     keep = read_keep(args) if args.mask != "none" else None
-    step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
-    n_train, n_all = parameter_counts(slora)
+    step = distributed.restore(ckpt, adapter, opt, sched, args.device) if ckpt else 0
+    n_train, n_all = parameter_counts(adapter)
     if distributed.is_main():
         print(f"{args.method} r={args.rank} on {args.model}: {len(tx)} training images, {len(eval_x)} {split} "
               f"images, {n_train:,} trainable parameters ({100 * n_train / n_all:.2f}%)")
 
     t0 = time.time()
-    train(slora, distributed.wrap(slora, model.blocks, args), opt, sched, tx, ty, keep, step, args)
+    train(adapter, distributed.wrap(adapter, model.blocks, args), opt, sched, tx, ty, keep, step, args)
     train_s = time.time() - t0
     t0 = time.time()
-    acc, preds = evaluate(slora, eval_x, eval_y, args, model.cfg, "eval adapted")
+    acc, preds = evaluate(adapter, eval_x, eval_y, args, model.cfg, "eval adapted")
     eval_s = time.time() - t0
     if distributed.is_main():
-        slora.save_adapter(os.path.join(args.out, "adapter"))
+        adapter.save_adapter(os.path.join(args.out, "adapter"))
         if args.export_peft:  # before the merge, which spends the wrapper
-            slora.export_peft(os.path.join(args.out, "peft_adapter"), rename=lambda m: hf_module(m, model.cfg),
-                              base_model_name_or_path=base_name(args.model, OFFLINE))
-    open_dirs, diag = slora.open_directions(), slora.diagnostics()
-    merged = distributed.merge(slora, args, base)
+            adapter.export_peft(os.path.join(args.out, "peft_adapter"), rename=lambda m: hf_module(m, model.cfg),
+                                base_model_name_or_path=base_name(args.model, OFFLINE))
+    open_dirs, diag = adapter.open_directions(), adapter.diagnostics()
+    merged = distributed.merge(adapter, args, base)
     n_merged = len(eval_x) if args.merged_eval_samples <= 0 else min(args.merged_eval_samples, len(eval_x))
     merged_acc, merged_preds = evaluate(merged, eval_x[:n_merged], eval_y[:n_merged], args, model.cfg, "eval merged")
     metrics = {
@@ -146,18 +147,18 @@ def main(args):
     return metrics
 
 
-def train(slora, net, opt, sched, tx, ty, keep, step, args):
+def train(adapter, net, opt, sched, tx, ty, keep, step, args):
     """Training from `step` on (0, or a checkpoint's): every rank walks the global batches of one
     process, each epoch a permutation from one generator (a resumed run draws the skipped ones too)."""
     g = torch.Generator().manual_seed(args.seed)
-    batches = [perm[i:i + args.batch_size] for perm in (torch.randperm(len(tx), generator=g) for _ in range(args.epochs))
-               for i in range(0, len(tx), args.batch_size)]
-    cfg, total = slora.model.cfg, len(batches)
+    batches = distributed.global_batches(torch.arange(len(tx)), args.batch_size, args.epochs,
+                                         lambda idx: idx[torch.randperm(len(idx), generator=g)])
+    cfg, total = adapter.model.cfg, len(batches)
     bar = tqdm(total=total, initial=step, desc="train", disable=not distributed.is_main())
-    slora.train()
+    adapter.train()
     for step in range(step, total):
-        if keep is not None and slora.steps == int(args.mask_at * total):  # §5 filter baselines
-            slora.mask_directions(keep, args.mask, torch.Generator().manual_seed(args.seed))
+        if keep is not None and adapter.steps == int(args.mask_at * total):  # §5 filter baselines
+            mask_directions(adapter, keep, args.mask, torch.Generator().manual_seed(args.seed))
         lo, hi, w = distributed.local_part(len(batches[step]))
         idx = batches[step][lo:hi]
         pixels = to_pixels(tx[idx], cfg.image_size, cfg.image_mean, cfg.image_std, args.device)
@@ -165,11 +166,14 @@ def train(slora, net, opt, sched, tx, ty, keep, step, args):
         with autocast(args):
             logits = net(pixels)
         task = F.cross_entropy(logits.float(), labels, reduction="sum") * w / len(batches[step])
-        loss = task + slora.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
+        loss = task + adapter.aux_loss()  # §4: L = L_task + β·KL (+ the static reg of lora+cos/laplacian)
         loss.backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), sched.step(), slora.step(), opt.zero_grad(set_to_none=True)  # AdaLoRA's step reads .grad
-        distributed.checkpoint(args, step + 1, total, slora, opt, sched)
+        opt.step()
+        sched.step()  # one LR step per optimizer step: linear warm-up, then cosine decay (§4)
+        adapter.step()  # before zero_grad: AdaLoRA's step reads .grad; StructLoRA's advances KL warm-up and edges
+        opt.zero_grad(set_to_none=True)  # None, not zeros: the memory is freed until the next backward
+        distributed.checkpoint(args, step + 1, total, adapter, opt, sched)
         acc = (logits.argmax(-1) == labels).float().mean().item()
         bar.set_postfix(epoch=step * args.epochs // total, loss=f"{task.item():.3f}", acc=f"{acc:.2f}")
         bar.update()

@@ -62,7 +62,7 @@ def wrap(base, variant, rank, save):
                                                           lora_dropout=0.0, modules_to_save=list(save) or None))
         return model, lambda: 0.0, [p for p in model.parameters() if p.requires_grad], lambda: None
     slora = StructLoRA(base, StructLoRAConfig(r=rank, alpha=2 * rank, modules_to_save=save, semantic_every=10,
-                                              **VARIANTS[variant]))
+                                              num_train_examples=500, **VARIANTS[variant]))  # N weighs the KL only
     return slora, slora.aux_loss, slora.trainable_parameters(), slora.step
 
 
@@ -93,7 +93,13 @@ def summarize(ratios, target, seed=0):
 def training_step(model, aux, params, hook, loss_of):
     """One optimizer step of a wrapped variant, as a closure."""
     opt = torch.optim.AdamW(params, lr=1e-4)
-    return lambda: ((loss_of(model) + aux()).backward(), opt.step(), opt.zero_grad(set_to_none=True), hook())
+
+    def step():
+        (loss_of(model) + aux()).backward()
+        opt.step()
+        hook()  # the adapter's step, before zero_grad as in the training scripts
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def interleaved(fns, rounds, device):
@@ -159,7 +165,9 @@ def memory_worker(model_name, variant, rank, device):
     opt = torch.optim.AdamW(params, lr=1e-4)
     for _ in range(3):
         (loss_of(model) + aux()).backward()
-        opt.step(), opt.zero_grad(set_to_none=True), hook()
+        opt.step()
+        hook()  # the adapter's step, before zero_grad as in the training scripts
+        opt.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"peak_bytes": peak}))
@@ -180,7 +188,7 @@ def sharding_worker(mode, rank, device):
     loading (each rank loads the whole base), after DDP / FSDP2 took the model, and the peak of the steps."""
     from training import distributed
     args = argparse.Namespace(device=device, fsdp=mode == "fsdp", batch_size=4)
-    distributed.setup(args)
+    args.device = distributed.setup(args)
     base, ids, _, save = base_model("llama", args.device)
     slora, aux, params, hook = wrap(base, "structlora", rank, save)
     del base
@@ -194,7 +202,9 @@ def sharding_worker(mode, rank, device):
         task = F.cross_entropy(logits.flatten(0, 1), ids[lo:hi, 1:].flatten(), reduction="sum") * w / ids[:, 1:].numel()
         (task + aux()).backward()
         distributed.sync_gradients(opt, args)
-        opt.step(), opt.zero_grad(set_to_none=True), hook()
+        opt.step()
+        hook()  # the adapter's step, before zero_grad as in the training scripts
+        opt.zero_grad(set_to_none=True)
     mine = {"loaded_bytes": loaded, "wrapped_bytes": sharded, "peak_bytes": memory_now(args.device, peak=True)}
     ranks = [None] * distributed.world()
     torch.distributed.all_gather_object(ranks, mine)

@@ -109,7 +109,8 @@ def make_task(cfg, structure, seed, dtype=torch.float32):
     x = torch.randn(cfg.n_train + cfg.n_test, cfg.dim, generator=g, dtype=torch.float64).to(dtype)
     with torch.no_grad():
         y = teacher(x)
-    base.requires_grad_(False), teacher.requires_grad_(False)
+    base.requires_grad_(False)
+    teacher.requires_grad_(False)
     split = cfg.n_train
     return base, teacher, deltas, (x[:split], y[:split]), (x[split:], y[split:])
 
@@ -170,7 +171,10 @@ def main(args):
     for _ in tqdm(range(args.steps), desc=f"{args.structure} {args.method}", leave=False):
         loss = F.mse_loss(student(x), y) + student.aux_loss()
         loss.backward()
-        opt.step(), sched.step(), student.step(), opt.zero_grad(set_to_none=True)
+        opt.step()
+        sched.step()
+        student.step()  # before zero_grad: AdaLoRA's step reads .grad
+        opt.zero_grad(set_to_none=True)
     train_s = time.time() - t0
     student.eval()
     with torch.no_grad():

@@ -891,6 +891,13 @@ def report_v2():
     fill_results(blocks)
     print("\n".join(blocks.values()))
 
+
+def reports():
+    """The first study's tables, then v2's."""
+    report()
+    report_v2()
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr",
@@ -914,7 +921,7 @@ if __name__ == "__main__":
              "table6": lambda: table6(seeds), "fraction-lr": lambda: fraction_lr_search(seeds),
              "ib-search": lambda: ib_search(seeds, args.percents or IB_SEARCH_PERCENTS, args.methods),
              "fractions": lambda: fractions(seeds, args.percents or PERCENTS, args.methods),
-             "groundtruth": lambda: ground_truth(seeds, args.samples), "report": lambda: (report(), report_v2())}
+             "groundtruth": lambda: ground_truth(seeds, args.samples), "report": reports}
     for part in (["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr", "ib-search", "fractions",
                   "groundtruth", "report"] if args.part == "all" else [args.part]):
         parts[part]()

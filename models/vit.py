@@ -225,7 +225,8 @@ def load_vit(source, image_size=None, num_classes=None, dtype=torch.float32):
     load_into(model, state, HF_TO_OURS, prefixes=("vit.", "dinov2.", "backbone."), ignore=ignore,
               skip=("head.weight", "head.bias") if new_head else ())
     if new_head and n_cls:
-        nn.init.normal_(model.head.weight, std=0.01), nn.init.zeros_(model.head.bias)
+        nn.init.normal_(model.head.weight, std=0.01)
+        nn.init.zeros_(model.head.bias)
     return model.to(dtype)
 
 

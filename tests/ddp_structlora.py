@@ -26,7 +26,9 @@ for step in range(10):
     x, y = torch.randn(4, 6, 16, generator=g), torch.randint(0, 3, (4,), generator=g)
     loss = F.cross_entropy(ddp(x), y) + slora.aux_loss()
     loss.backward()
-    opt.step(), opt.zero_grad(), slora.step()
+    opt.step()
+    slora.step()
+    opt.zero_grad()
 slora.eval()
 with torch.no_grad():
     out = slora(torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(7)))

@@ -1,12 +1,18 @@
-"""baselines.py: the head alone and peft's peers behind the training-script interface, end to end in
-train_vit.py, against peft's own computations."""
+"""training/baselines.py: the head alone and peft's peers behind the training-script interface, end to
+end in train_vit.py, against peft's own computations; the filter baselines' masks (mask_directions)
+against float64 dense updates."""
+import copy
+
+import numpy as np
 import pytest
 import torch
 
 import train_vit
-from training.baselines import Baseline
+from structlora import StructLoRA
+from training.baselines import Baseline, mask_directions
+from test_structlora import make
 from test_train_vit import run, tiny  # noqa: F401  (the tiny checkpoint and image folder fixture)
-from toy import ToyModel
+from toy import ToyModel, randomize_adapters, rel_err
 
 peft = pytest.importorskip("peft")
 
@@ -63,3 +69,48 @@ def test_adalora_resume_is_refused(tiny, tmp_path):
     run_ckpt(tiny, tmp_path / "a", "--method", "adalora")
     with pytest.raises(ValueError, match="resuming AdaLoRA is not supported"):
         run_ckpt(tiny, tmp_path / "a", "--method", "adalora", "--resume", str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("rule", ["norm", "random"])
+def test_mask_directions_keeps_k_directions_and_merges_them(rule):
+    base, slora = make(ib=False, graph=False)
+    randomize_adapters(slora)
+    keep = {n: i % 5 for i, n in enumerate(slora.lora_layers)}  # 0..4 of r = 4
+    mask_directions(slora, keep, rule, torch.Generator().manual_seed(0))
+    assert slora.open_directions() == keep
+    x = torch.randn(2, 7, 16)
+    out = slora.eval()(x)
+    for name, layer in slora.lora_layers.items():
+        B, A = layer.lora_B.detach().double().numpy(), layer.lora_A.detach().double().numpy()
+        kept = np.flatnonzero(layer.mask.numpy())
+        assert len(kept) == keep[name]
+        if rule == "norm":  # the kept rank-one updates b_j a_jᵀ have the largest Frobenius norms
+            norms = [np.linalg.norm(np.outer(B[:, j], A[j])) for j in range(layer.r)]
+            assert sorted(kept) == sorted(np.argsort(norms)[::-1][:keep[name]])
+        dense = sum((np.outer(B[:, j], A[j]) for j in kept), np.zeros((B.shape[0], A.shape[1]))) * layer.scaling
+        assert rel_err(layer.delta_weight(), torch.from_numpy(dense)) < 1e-6 or not len(kept)
+    merged = slora.merge_and_unload()
+    assert rel_err(merged(x), out) < 1e-5
+
+
+def test_mask_directions_survives_save_and_load(tmp_path):
+    base, slora = make(ib=False, graph=True)
+    randomize_adapters(slora)
+    mask_directions(slora, {n: 2 for n in slora.lora_layers}, "random", torch.Generator().manual_seed(1))
+    slora.save_adapter(tmp_path / "a")
+    again = StructLoRA.from_pretrained(copy.deepcopy(base), tmp_path / "a")
+    x = torch.randn(2, 7, 16)
+    assert rel_err(again.eval()(x), slora.eval()(x)) < 1e-6 and again.open_directions() == slora.open_directions()
+
+
+def test_mask_directions_rejects_bad_input():
+    _, slora = make(ib=True)
+    with pytest.raises(ValueError, match="ib=False"):
+        mask_directions(slora, {n: 1 for n in slora.lora_layers}, "norm")
+    _, slora = make(ib=False)
+    with pytest.raises(ValueError, match="rule"):
+        mask_directions(slora, {n: 1 for n in slora.lora_layers}, "magnitude")
+    with pytest.raises(ValueError, match="missing"):
+        mask_directions(slora, {"blocks.0.q_proj": 1}, "norm")
+    with pytest.raises(ValueError, match="outside"):
+        mask_directions(slora, {n: 5 for n in slora.lora_layers}, "norm")

@@ -98,7 +98,8 @@ def test_llava_killed_in_stage_2_resumes_both_stages_exactly(tmp_path, monkeypat
     pytest.importorskip("transformers")
     import train_llava
     from test_llama import tiny_tokenizer
-    from test_llava import tiny_llava, write_conversations
+    from test_llava import tiny_llava
+    from test_train_llava import write_conversations
     tiny_llava(tmp_path / "llava")
     tiny_tokenizer(tmp_path / "llava")
     write_conversations(tmp_path, 7)
@@ -138,3 +139,16 @@ def test_study_continues_a_killed_run_from_its_checkpoint(tiny, tmp_path, monkey
     assert len(started) == 4  # steps 7..10, not 1..10
     assert again["accuracy"] == pytest.approx(whole["accuracy"])
     assert_same(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"))
+
+
+def test_load_checkpoint_returns_the_run_folder_and_leaves_args_alone(tiny, tmp_path):
+    """--resume RUN_DIR writes to RUN_DIR: load_checkpoint returns it for main to assign, args keep --out."""
+    from training import distributed
+    run(tiny, tmp_path / "a", "--method", "lora")
+    args = train_vit.parse_args(flags(tiny) + ["--out", str(tmp_path / "b"), "--method", "lora", "--no-bf16",
+                                               "--resume", str(tmp_path / "a")])
+    ckpt, out = distributed.load_checkpoint(args)
+    assert ckpt["step"] == 10 and out == str(tmp_path / "a")
+    assert args.out == str(tmp_path / "b")
+    args = train_vit.parse_args(flags(tiny) + ["--out", str(tmp_path / "b")])
+    assert distributed.load_checkpoint(args) == (None, str(tmp_path / "b"))

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from structlora import StructLoRA, StructLoRAConfig
-from toy import ToyModel, randomize_adapters, rel_err
+from toy import ToyModel, make_toy, randomize_adapters, rel_err, train_steps
 
 
 def make(**cfg):
@@ -120,7 +121,9 @@ def test_regularizers_equal_their_dense_definitions(reg):
     with torch.no_grad():  # equal updates: both penalties vanish
         first = next(iter(slora.lora_layers.values()))
         for layer in slora.lora_layers.values():
-            layer.lora_A.copy_(first.lora_A), layer.lora_B.copy_(first.lora_B), layer.gate_logits.copy_(first.gate_logits)
+            layer.lora_A.copy_(first.lora_A)
+            layer.lora_B.copy_(first.lora_B)
+            layer.gate_logits.copy_(first.gate_logits)
     assert abs(slora.reg_loss().item()) < 1e-9
     slora.reg_loss().backward()  # and it is differentiable in the factors
     assert first.lora_B.grad is not None
@@ -153,3 +156,75 @@ def test_readme_custom_coordinator_example_runs_and_coordinates():
             g.set_edges(torch.zeros_like(g.adj))
         assert rel_err(alone(x), adapted) > 1e-4
         assert rel_err(slora.merge_and_unload()(x), adapted) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_gcn_pruned_direction_has_no_influence_on_the_merged_weights(T):
+    slora = make_toy(coordinator="gcn", graph_layers=T)
+    layer = slora.lora_layers["blocks.2.q_proj"]
+    with torch.no_grad():
+        layer.gate_logits[0] = -5.0  # σ = 0.007: pruned
+        before = {n: l.delta_weight().clone() for n, l in slora.eval().lora_layers.items()}
+        layer.lora_B[:, 0] += 3.0  # only the pruned direction's column changes
+        layer.lora_A[0] += 3.0
+        after = {n: l.delta_weight() for n, l in slora.lora_layers.items()}
+    assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
+
+
+def test_a_failing_coordinator_leaves_the_model_untouched():
+    class Broken(nn.Module):
+        def __init__(self, graph):
+            super().__init__()
+            raise RuntimeError("broken coordinator")
+    model = ToyModel()
+    with pytest.raises(RuntimeError, match="broken"):
+        StructLoRA(model, StructLoRAConfig(coordinator="custom"), coordinator=Broken)
+    assert all(type(m) is not StructLoRA for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    StructLoRA(model, StructLoRAConfig())  # and it can still be adapted
+
+
+def test_a_custom_coordinator_sees_the_graph_when_built():
+    seen = {}
+
+    class Peek(nn.Module):
+        def __init__(self, graph):
+            super().__init__()
+            seen["sources"], seen["a_hat"] = graph.sources, graph.a_hat.clone()
+
+        def forward(self, graph, i, B):
+            return B
+    StructLoRA(ToyModel(), StructLoRAConfig(coordinator="custom"), coordinator=Peek)
+    assert seen["sources"][0] == [0, 1] and seen["a_hat"][0, 0] == 0.5
+
+
+def test_a_layer_without_gradient_does_not_cancel_the_rebuild():
+    slora = make_toy(semantic_every=1, semantic_threshold=-1.0)
+    blocks = slora.model.blocks
+    slora.model.blocks = nn.ModuleList(list(blocks)[:4])  # block 4 is never run: its layers get no sketch
+    with pytest.warns(UserWarning, match="no gradient sketch"):
+        train_steps(slora, 3)
+    slora.model.blocks = blocks
+    g = slora.graphs["q_proj"]
+    assert g.sketch_ema is not None and (g.adj - g.chain).sum() > 0  # the others still got semantic edges
+    assert g.adj[4].sum() == g.chain[4].sum()  # and the silent layer got none
+
+
+def test_semantic_only_graph_lists_all_its_edges_as_semantic():
+    slora = make_toy(edges="semantic", semantic_every=1, semantic_threshold=-1.0, semantic_topk=2)
+    train_steps(slora, 3)
+    d = slora.diagnostics()["q_proj"]
+    assert d["edges"] and d["semantic_edges"] == d["edges"]
+
+
+def test_encoder_and_decoder_layers_form_separate_graphs():
+    class EncDec(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.ModuleList(nn.ModuleDict({"q_proj": nn.Linear(8, 8)}) for _ in range(3))
+            self.decoder = nn.ModuleList(nn.ModuleDict({"self_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)}),
+                                                        "cross_attn": nn.ModuleDict({"q_proj": nn.Linear(8, 8)})})
+                                         for _ in range(3))
+    slora = StructLoRA(EncDec(), StructLoRAConfig(r=2, target_modules=("q_proj",)))
+    assert sorted(len(g.layers) for g in slora.graphs.values()) == [3, 3, 3]
+    for g in slora.graphs.values():
+        assert torch.equal(g.adj, g.chain) and g.chain.sum() == 4  # a chain of 3 within one role

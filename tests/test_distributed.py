@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 import train_llama
 import train_vit
@@ -151,7 +152,8 @@ def test_resume_on_two_processes_continues_a_one_process_run(llama, monkeypatch)
 
 def test_failing_rank_fails_the_whole_run(tmp_path):
     from test_llama import tiny_tokenizer
-    from test_llava import tiny_llava, write_conversations
+    from test_llava import tiny_llava
+    from test_train_llava import write_conversations
     tiny_llava(tmp_path / "llava")
     tiny_tokenizer(tmp_path / "llava")
     write_conversations(tmp_path, 4)
@@ -175,3 +177,35 @@ def test_batch_size_the_world_does_not_divide_and_fsdp_without_torchrun_stop_fir
     monkeypatch.delenv("WORLD_SIZE")
     with pytest.raises(ValueError, match="--fsdp shards over processes: launch with torchrun"):
         train_llama.main(train_llama.parse_args(argv + ["--fsdp", "--out", str(root / "odd")]))
+
+
+def test_global_batches_cut_each_epochs_order_and_draw_every_epoch():
+    """One process's batch order: epoch e's shuffle cut into batch_size pieces (the last shorter)."""
+    from training import distributed
+    orders = iter([[4, 0, 3, 1, 2], [2, 3, 0, 4, 1]])
+    batches = distributed.global_batches(list(range(5)), 2, 2, lambda items: next(orders))
+    assert batches == [[4, 0], [3, 1], [2], [2, 3], [0, 4], [1]]
+
+
+def test_setup_in_one_process_returns_the_device_and_leaves_args_alone(monkeypatch):
+    from training import distributed
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = train_vit.parse_args(["--device", "cpu"])
+    assert distributed.setup(args) == "cpu" and args.device == "cpu"
+
+
+def test_fsdp_gradient_sync_keeps_a_gradient_no_rank_has_missing(tmp_path):
+    import argparse
+    import torch.distributed as dist
+    from training.distributed import sync_gradients
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        used, unused = nn.Parameter(torch.ones(3)), nn.Parameter(torch.ones(2))
+        used.grad = torch.full((3,), 2.0)
+        opt = torch.optim.AdamW([used, unused], lr=0.1)
+        sync_gradients(opt, argparse.Namespace(fsdp=True))
+        assert unused.grad is None and torch.equal(used.grad, torch.full((3,), 2.0))
+        opt.step()
+        assert torch.equal(unused.data, torch.ones(2))  # no weight decay on a parameter without gradient
+    finally:
+        dist.destroy_process_group()

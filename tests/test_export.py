@@ -15,8 +15,10 @@ from models.llama import load_llama, load_tokenizer
 from models.llava import Llava, load_llava
 from models.vit import load_vit
 from structlora import StructLoRA
-from test_llama import boolq_args, tiny_llama, tiny_tokenizer
-from test_llava import tiny_llava, tiny_vlm_parts, write_conversations
+from test_llama import tiny_llama, tiny_tokenizer
+from test_llava import tiny_llava
+from test_train_llama import boolq_args
+from test_train_llava import tiny_vlm_parts, write_conversations
 from test_train_vit import tiny  # noqa: F401  (the tiny DINOv2 + image folder fixture)
 
 from toy import rel_err
@@ -162,7 +164,7 @@ def test_train_llava_with_dinov2_tower_exports_hf_parts(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm_run(tmp_path_factory):
-    from models.llama import smollm2_gguf_path
+    from models.gguf import smollm2_gguf_path
     pytest.importorskip("gguf")
     try:
         smollm2_gguf_path()

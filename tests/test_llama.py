@@ -1,12 +1,12 @@
-"""Our LLaMA decoder, GGUF reader and tokenizer against transformers; train_llama.main end to end."""
+"""Our LLaMA decoder, GGUF reader and tokenizer against transformers (train_llama.py: test_train_llama.py)."""
 import json
 import os
 
 import pytest
 import torch
 
-import train_llama
-from models.llama import load_llama, load_tokenizer, smollm2_gguf_path
+from models.gguf import smollm2_gguf_path
+from models.llama import load_llama, load_tokenizer
 
 from toy import randomize, rel_err
 
@@ -114,61 +114,3 @@ def tiny_tokenizer(folder):
     tok.train_from_iterator(["is the sky blue? true false answer question passage"] * 20, trainer)
     tok.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-
-
-def boolq_args(root):
-    """A tiny BoolQ-format train (12 rows) / dev (5 rows) pair written into `root`, as train_llama arguments."""
-    rows = [{"question": f"is item {i} blue", "passage": "The sky is blue.", "answer": i % 2 == 0} for i in range(12)]
-    (root / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (root / "dev.json").write_text(json.dumps(rows[:5]))
-    return ["--task", "boolq", "--train-file", str(root / "train.jsonl"), "--eval-file", str(root / "dev.json")]
-
-
-@pytest.mark.parametrize("extra", [(), ("--coordinator", "gcn", "--graph-layers", "2", "--edges", "semantic"),
-                                   ("--method", "lora+laplacian")])
-def test_train_llama_main_on_tiny_checkpoint(tmp_path, extra):
-    tiny_llama(tmp_path / "ckpt", tied=True)
-    tiny_tokenizer(tmp_path / "ckpt")
-    args = train_llama.parse_args(["--model", str(tmp_path / "ckpt"), *boolq_args(tmp_path),
-                                   "--train-samples", "0", "--no-chat-template", "--rank", "2", "--batch-size", "4",
-                                   "--epochs", "2", "--semantic-every", "1", "--out", str(tmp_path / "run"), *extra])
-    m = train_llama.main(args)
-    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert saved["n_train"] == 12 and saved["n_eval"] == 5 and saved["steps"] == 6
-    assert m["merged_accuracy"] == m["accuracy"] and m["merged_prediction_agreement"] == 1.0
-    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-    with pytest.raises(FileNotFoundError, match="no data file"):
-        train_llama.main(train_llama.parse_args(["--task", "piqa", "--train-file", str(tmp_path / "none.json")]))
-
-
-def test_fine_foods_reader():
-    from training.text_data import load_fine_foods
-    try:
-        train, test = load_fine_foods()
-    except FileNotFoundError:
-        pytest.skip("r-cran-modeldata is not unpacked")
-    assert len(train) == 4000 and len(test) == 1000
-    assert sum(e["answer"] == "yes" for e in train) == 2600
-
-
-def test_train_llama_epochs_0_scores_the_base_model(tmp_path, monkeypatch):
-    """--epochs 0: no training step; the adapter starts at B = 0, so the picks are the bare base model's
-    (scored here without any adapter), the "no adapter" row of the study's LLaMA table."""
-    tiny_llama(tmp_path / "ckpt", tied=True)
-    tiny_tokenizer(tmp_path / "ckpt")
-    args = train_llama.parse_args(["--model", str(tmp_path / "ckpt"), *boolq_args(tmp_path), "--train-samples", "0",
-                                   "--no-chat-template", "--rank", "2", "--batch-size", "4", "--epochs", "0",
-                                   "--generations", "0", "--out", str(tmp_path / "run")])
-    seen, real = {}, train_llama.evaluate
-    monkeypatch.setattr(train_llama, "evaluate", lambda model, ex, tok, a, desc: seen.setdefault(desc, real(model, ex, tok, a, desc)))
-    m = train_llama.main(args)
-    base = train_llama.load_llama(str(tmp_path / "ckpt"))
-    tok = train_llama.load_tokenizer(str(tmp_path / "ckpt"))
-    _, test = train_llama.load_text_task("boolq", None, args.train_file, args.eval_file)
-    assert train_llama.evaluate(base, test[:args.eval_samples], tok, args, "base") == seen["eval adapted"]
-    assert m["steps"] == 0 and m["merged_prediction_agreement"] == 1.0
-
-
-def test_train_llama_refuses_negative_epochs():
-    with pytest.raises(SystemExit):
-        train_llama.parse_args(["--epochs", "-1"])

@@ -10,6 +10,7 @@ import torch
 from experiments import study
 from structlora import StructLoRA, StructLoRAConfig
 from toy import ToyModel, randomize_adapters
+from training.baselines import mask_directions
 
 
 @pytest.mark.parametrize("n", [3, 5, 12])
@@ -62,7 +63,7 @@ def test_plain_adjacent_cosine_equals_dense_updates(tmp_path, ib):
     slora = StructLoRA(ToyModel(), StructLoRAConfig(r=4, alpha=8, ib=ib, graph=False))
     randomize_adapters(slora)
     if not ib:
-        slora.mask_directions({n: 3 for n in slora.lora_layers}, "random", torch.Generator().manual_seed(0))
+        mask_directions(slora, {n: 3 for n in slora.lora_layers}, "random", torch.Generator().manual_seed(0))
     slora.save_adapter(tmp_path / "adapter")
     slora.eval()
     per_target = {}

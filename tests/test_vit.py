@@ -92,8 +92,10 @@ def test_bad_checkpoints_name_the_keys(tmp_path):
                                                   "vit.extra.weight": torch.zeros(3)}))
     with pytest.raises(ValueError, match=r"unexpected: \['vit.extra.weight'\]"):
         load_vit(str(tmp_path))
-    edit_checkpoint(tmp_path, lambda s: (s.pop("vit.extra.weight"),
-                                         s.update({"vit.encoder.layer.0.output.dense.weight": torch.zeros(32, 60)})))
+    def drop_extra_and_misshape(s):
+        s.pop("vit.extra.weight")
+        s.update({"vit.encoder.layer.0.output.dense.weight": torch.zeros(32, 60)})
+    edit_checkpoint(tmp_path, drop_extra_and_misshape)
     with pytest.raises(ValueError, match=r"mis-shaped: \['blocks.0.mlp.fc2.weight: checkpoint \(32, 60\)"):
         load_vit(str(tmp_path))
 

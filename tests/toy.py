@@ -3,6 +3,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from structlora import StructLoRA, StructLoRAConfig
+
 
 class ToyBlock(nn.Module):
     def __init__(self, d):
@@ -56,3 +58,24 @@ def randomize(model, seed=0):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def make_toy(**cfg):
+    """StructLoRA (r = 4, no semantic rebuilds unless asked) on a ToyModel, with random adapters."""
+    torch.manual_seed(0)
+    slora = StructLoRA(ToyModel(), StructLoRAConfig(**{"r": 4, "alpha": 8, "num_train_examples": 64, "semantic_every": 0, **cfg}))
+    randomize_adapters(slora)
+    return slora
+
+
+def train_steps(slora, n, autocast=False):
+    """n SGD steps on random inputs (seeded by step), optionally under bf16 autocast."""
+    opt = torch.optim.SGD(slora.trainable_parameters(), lr=1e-2)
+    for s in range(n):
+        torch.manual_seed(s)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = slora(torch.randn(4, 5, 16)).float().square().mean()
+        (loss + slora.aux_loss()).backward()
+        opt.step()
+        slora.step()
+        opt.zero_grad()

@@ -6,6 +6,9 @@ wrapper (forward, aux_loss, step, param_groups, save_adapter, merge_and_unload, 
     dora       peft's DoRA (use_dora=True): LoRA on the direction, a learned magnitude per output
     adalora    peft's AdaLoRA: SVD-form P·Λ·Q, ranks pruned from init_r = 1.5·r to an average of r
 
+and the filter baselines of §5 (train_vit.py --mask): mask_directions fixes a StructLoRA without IB
+gate to keep the top-k-norm or k random directions per layer.
+
 peft wraps any nn.Module by target names, so these run on our own model classes. peft is a
 study/test dependency (requirements-dev.txt): imported only when a peer is asked for.
 """
@@ -123,3 +126,29 @@ class Baseline(nn.Module):
 
     def merge_and_unload(self):
         return self.model if self.method == "head" else self.model.merge_and_unload()
+
+
+@torch.no_grad()
+def mask_directions(adapter, keep, rule, generator=None):
+    """Filter baselines (§5): fix each layer's mask of a StructLoRA wrapper (ib=False) to keep[name]
+    directions, those with the largest ‖b_j‖·‖a_j‖ = ‖b_j a_jᵀ‖_F (rule "norm", top-k-norm) or random
+    ones (rule "random"). The mask is a buffer of each layer: saved, loaded and merged with it."""
+    if adapter.merged:
+        raise RuntimeError("this StructLoRA wrapper was merged by merge_and_unload(); use the model it returned")
+    if adapter.cfg.ib:
+        raise ValueError("mask_directions() replaces the IB gate: use it with ib=False")
+    if rule not in ("norm", "random"):
+        raise ValueError(f"rule must be 'norm' or 'random', got {rule!r}")
+    layers = adapter.lora_layers
+    if set(keep) != set(layers):
+        raise ValueError(f"keep must name every adapted layer; missing {sorted(set(layers) - set(keep))[:4]}, "
+                         f"unknown {sorted(set(keep) - set(layers))[:4]}")
+    for name, layer in layers.items():
+        k = keep[name]
+        if not 0 <= k <= layer.r:
+            raise ValueError(f"keep[{name!r}] = {k} is outside [0, {layer.r}]")
+        if rule == "norm":
+            score = layer.lora_B.norm(dim=0) * layer.lora_A.norm(dim=1)
+        else:
+            score = torch.rand(layer.r, generator=generator).to(layer.mask.device)
+        layer.mask.zero_()[score.topk(k).indices] = 1.0

@@ -97,11 +97,11 @@ def optimizer(param_groups, args, total_steps):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, args.warmup))
 
 
-def parameter_counts(slora):
-    """(trainable, total) parameter counts of a StructLoRA-wrapped model."""
-    params = slora.trainable_parameters()
+def parameter_counts(adapter):
+    """(trainable, total) parameter counts of a wrapped model: StructLoRA or a baseline."""
+    params = adapter.trainable_parameters()
     n_train = sum(p.numel() for p in params)
-    return n_train, n_train + sum(p.numel() for p in slora.parameters() if not p.requires_grad)
+    return n_train, n_train + sum(p.numel() for p in adapter.parameters() if not p.requires_grad)
 
 
 def lr_lambda(total, warmup):

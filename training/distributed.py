@@ -33,7 +33,8 @@ def add_args(p):
 
 def setup(args):
     """Joins torchrun's process group when launched by it (gloo on CPU; nccl on CUDA, on the device of
-    LOCAL_RANK). Checks, before anything is loaded, that the ranks can split --batch-size evenly."""
+    LOCAL_RANK) and returns this rank's device (--device, or cuda:LOCAL_RANK). Checks, before anything is
+    loaded, that the ranks can split --batch-size evenly."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {world} processes: each "
@@ -41,13 +42,14 @@ def setup(args):
     if "WORLD_SIZE" not in os.environ:
         if args.fsdp:
             raise ValueError("--fsdp shards over processes: launch with torchrun --nproc_per_node N")
-        return
+        return args.device
     cuda = args.device.startswith("cuda")
+    device = f"cuda:{os.environ['LOCAL_RANK']}" if cuda else args.device
     if cuda:
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+    return device
 
 
 def cleanup():
@@ -76,6 +78,15 @@ def local_part(n):
     r, k = rank(), world()
     lo, hi = n * r // k, n * (r + 1) // k
     return (lo, hi, k) if hi > lo else (0, 1, 0)
+
+
+def global_batches(items, batch_size, epochs, shuffle):
+    """The global batches of a one-process run, in order: each epoch's `shuffle(items)` (a new order
+    from the run's one generator) cut into pieces of batch_size, the last one shorter. Every rank walks
+    this list and takes its local_part of each batch; a resumed run rebuilds it whole, so it draws the
+    orders of the epochs it skips and continues the same sequence."""
+    return [order[i:i + batch_size] for order in (shuffle(items) for _ in range(epochs))
+            for i in range(0, len(items), batch_size)]
 
 
 def gather(items):
@@ -127,13 +138,13 @@ def sync_gradients(opt, args):
             p.grad = None
 
 
-def merge(slora, args, fresh_base):
-    """slora.merge_and_unload(). Under --fsdp W0 exists only as shards, so the adapter is merged into a
+def merge(adapter, args, fresh_base):
+    """adapter.merge_and_unload(). Under --fsdp W0 exists only as shards, so the adapter is merged into a
     fresh unsharded base built by `fresh_base()` instead (no gradients, no optimizer: inference memory)."""
     if not args.fsdp:
-        return slora.merge_and_unload()
+        return adapter.merge_and_unload()
     from structlora import StructLoRA, StructLoRAConfig
-    tensors, meta = slora.adapter_state()
+    tensors, meta = adapter.adapter_state()
     fresh = StructLoRA(fresh_base(), StructLoRAConfig(**meta["config"]))
     fresh.load_adapter_state(tensors, meta)
     return fresh.merge_and_unload()
@@ -148,13 +159,13 @@ def rng_state(device):
     return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if cuda else None}
 
 
-def checkpoint(args, step, total, slora, opt, sched, **extra):
+def checkpoint(args, step, total, adapter, opt, sched, **extra):
     """After step `step` (from 1) of `total`: save_checkpoint if it is a multiple of --save-every or the last."""
     if step == total or (args.save_every > 0 and step % args.save_every == 0):
-        save_checkpoint(args, step, slora, opt, sched, **extra)
+        save_checkpoint(args, step, adapter, opt, sched, **extra)
 
 
-def save_checkpoint(args, step, slora, opt, sched, **extra):
+def save_checkpoint(args, step, adapter, opt, sched, **extra):
     """Everything needed to continue exactly: the adapter (adapter_state(): factors, gates, edges, sketch
     EMA, step count), optimizer, scheduler, every rank's RNG state, the step (the position in the data
     order) and the arguments. Written to a temporary file, then renamed: a run killed while saving
@@ -167,7 +178,7 @@ def save_checkpoint(args, step, slora, opt, sched, **extra):
     if not is_main():
         return
     state = {"step": step, "args": vars(args), "world_size": world(), "rng": rngs,
-             "adapter": slora.adapter_state() if slora is not None else None,
+             "adapter": adapter.adapter_state() if adapter is not None else None,
              "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), **extra}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, CHECKPOINT)
@@ -179,10 +190,11 @@ def save_checkpoint(args, step, slora, opt, sched, **extra):
 
 
 def load_checkpoint(args):
-    """The checkpoint of --resume RUN_DIR (None without --resume), after checking that this run trains the
-    same thing; the run then continues in RUN_DIR. Call it before loading the model: it fails fast."""
+    """(checkpoint, run folder): the checkpoint of --resume RUN_DIR after checking that this run trains the
+    same thing, and RUN_DIR, where the run continues; (None, --out) without --resume. Call it before
+    loading the model: it fails fast."""
     if not args.resume:
-        return None
+        return None, args.out
     path = os.path.join(args.resume, CHECKPOINT)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--resume {args.resume}: no {CHECKPOINT} there")
@@ -192,15 +204,14 @@ def load_checkpoint(args):
             for k in sorted(set(saved) | set(ours)) if k not in FREE_ON_RESUME and saved.get(k) != ours.get(k)]
     if diff:
         raise ValueError(f"cannot resume {args.resume}: it was trained with " + ", ".join(diff))
-    args.out = args.resume
-    return ckpt
+    return ckpt, args.resume
 
 
-def restore(ckpt, slora, opt, sched, device):
+def restore(ckpt, adapter, opt, sched, device):
     """Loads a checkpoint's adapter, optimizer, scheduler and this rank's RNG state; returns its step.
     With another world size every rank takes rank 0's RNG state (exact only for the deterministic parts)."""
-    if slora is not None:
-        slora.load_adapter_state(*ckpt["adapter"])
+    if adapter is not None:
+        adapter.load_adapter_state(*ckpt["adapter"])
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     rng = ckpt["rng"][rank() if len(ckpt["rng"]) == world() else 0]
