@@ -239,7 +239,7 @@ def semantic_adjacency(sketches, topk, threshold, exclude):
     """Edges i–j whose gradient sketches align (cosine > threshold), best first, each node taking at
     most `topk` of them; pairs where `exclude` is set (existing edges, self) are never chosen."""
     z = F.normalize(sketches.flatten(1).double(), dim=1)
-    silent = z.norm(dim=1) == 0  # a layer no gradient has reached yet
+    silent = (z.norm(dim=1) == 0) | ~torch.isfinite(z).all(1)  # no gradient reached it yet, or a NaN/inf one
     cos = (z @ z.T).masked_fill(exclude.bool() | torch.eye(len(z), dtype=torch.bool) | silent[:, None] | silent, -2.0)
     adj, deg = torch.zeros_like(exclude, dtype=torch.float32), [0] * len(z)
     iu = torch.triu_indices(len(z), len(z), 1)
@@ -469,6 +469,11 @@ class LayerGraph(nn.Module):
             missing = [i for i in range(len(self.layers)) if not have[i]]
             warnings.warn(f"layers {missing} of a graph got no gradient sketch since the last rebuild "
                           "(no gradient reached them): they keep their old sketch and gain no semantic edge")
+        finite = torch.isfinite(s).flatten(1).all(1)
+        if not finite[have].all():  # a NaN/inf batch or an fp16 overflow (a step the GradScaler skips)
+            warnings.warn(f"layers {(have & ~finite).nonzero().flatten().tolist()} of a graph got a non-finite "
+                          "gradient sketch: it is skipped, they keep their old sketch EMA")
+            have = have & finite  # every rank sees the same all-reduced sum, so every rank skips the same
         rho, ema = self.cfg.sketch_ema, self.sketch_ema if self.sketch_ema is not None else torch.zeros_like(s)
         fresh = (ema.flatten(1).norm(dim=1) == 0)[:, None, None]  # first sketch of a layer: taken as it is
         self.sketch_ema = torch.where(have[:, None, None], torch.where(fresh, s, rho * ema + (1 - rho) * s), ema)

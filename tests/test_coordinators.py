@@ -153,3 +153,34 @@ def test_readme_custom_coordinator_example_runs_and_coordinates():
             g.set_edges(torch.zeros_like(g.adj))
         assert rel_err(alone(x), adapted) > 1e-4
         assert rel_err(slora.merge_and_unload()(x), adapted) < 1e-5
+
+
+def test_a_non_finite_sketch_is_skipped_and_keeps_the_old_ema():
+    # An fp16 overflow or a NaN batch while the sketches are armed must not poison the EMA for good
+    slora = make(edges="semantic", semantic_every=1, semantic_topk=1, semantic_threshold=0.1)
+    rebuild(slora, aligned_sketches())
+    graph = slora.graphs["q_proj"]
+    before = graph.sketch_ema.clone()
+    bad = aligned_sketches(seed=1)
+    bad[2][0, 0] = float("nan")
+    bad[4][1, 1] = float("inf")
+    with pytest.warns(UserWarning, match="non-finite"):
+        rebuild(slora, bad)
+    ema = graph.sketch_ema
+    assert torch.isfinite(ema).all()
+    assert torch.equal(ema[2], before[2]) and torch.equal(ema[4], before[4])  # skipped: the old EMA stays
+    rho = slora.cfg.sketch_ema
+    for i in (0, 1, 3):  # the finite ones were averaged in, as a float64 hand computation says
+        ref = rho * before[i].double() + (1 - rho) * bad[i].double()
+        assert rel_err(ema[i].double(), ref) < 1e-6
+
+
+def test_nan_cosines_never_form_semantic_edges():
+    from structlora import semantic_adjacency
+    s = torch.stack(aligned_sketches(6))
+    s[1] = float("nan")  # a NaN sketch reaching the edge builder anyway
+    s[4, 0, 0] = float("nan")
+    adj = semantic_adjacency(s, topk=1, threshold=0.1, exclude=torch.zeros(6, 6))
+    assert adj[1].sum() == 0 and adj[4].sum() == 0
+    finite = semantic_adjacency(s[[0, 2, 3, 5]], topk=1, threshold=0.1, exclude=torch.zeros(4, 4))
+    assert torch.equal(adj[[0, 2, 3, 5]][:, [0, 2, 3, 5]], finite)  # the others pair as if 1, 4 were absent
