@@ -775,10 +775,15 @@ class StructLoRA(nn.Module):
         from safetensors.torch import save_file
         rename = rename or (lambda name: name)
         self._live()
-        self.eval()
+        modes = {m: m.training for m in self.modules()}
+        self.eval()  # ΔW^f with the deterministic gates
+        try:
+            factors = {name: layer.factors() for name, layer in self.lora_layers.items()}
+        finally:
+            for m, training in modes.items():
+                m.training = training  # a mid-training export leaves the run as it found it
         tensors, ranks = {}, {}
-        for name, layer in self.lora_layers.items():
-            B, d, A = layer.factors()
+        for name, (B, d, A) in factors.items():
             keep = d != 0
             if not keep.any():
                 keep[0] = True  # PEFT needs rank ≥ 1; this direction's d is 0

@@ -230,3 +230,17 @@ def test_no_grad_eval_call_equals_layer_by_layer_and_keeps_nothing(coordinator, 
             slora(torch.randn(2, 5, 7, dtype=torch.float64))  # a failing call clears them too
     assert rel_err(once, by_layer) < 1e-12
     assert all(l.precomputed is None for l in slora.lora_layers.values())
+
+
+def test_export_peft_in_the_middle_of_training_keeps_training_exactly(tmp_path):
+    # A per-epoch export must not switch the run to eval gates and no dropout
+    slora, ref = make(dropout=0.1).train(), make(dropout=0.1).train()
+    slora.model.blocks[2].eval()  # a part the user keeps in eval mode stays so
+    ref.model.blocks[2].eval()
+    modes = {n: m.training for n, m in slora.named_modules()}
+    slora.export_peft(tmp_path / "peft")
+    assert {n: m.training for n, m in slora.named_modules()} == modes
+    train(slora, 3, 0)
+    train(ref, 3, 0)  # the same steps without the export
+    for (n, p), q in zip(slora.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
