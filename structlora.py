@@ -533,6 +533,8 @@ class StructLoRA(nn.Module):
         lora_layers = {name: LoRALinear(base, cfg, gen) for name, base in targets}  # in depth order
         self.groups = group_layers(lora_layers)  # {key: (layers, depth)}
         graphs = nn.ModuleDict()
+        if cfg.graph or cfg.reg != "none":
+            warn_single_node_groups(lora_layers, self.groups)
         if cfg.graph:
             make = coordinator or {"smooth": Smooth, "gcn": GCN}[cfg.coordinator]
             for key, (layers, depth) in self.groups.items():
@@ -848,7 +850,9 @@ def group_layers(lora_layers):
     A group is named by the shortest of: target name, name_OUTxIN, role, role_OUTxIN that is unique."""
     groups, seen = {}, {}
     for name, layer in lora_layers.items():
-        role = re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name)  # blocks.3.attn.q_proj → blocks.*.attn.q_proj
+        # blocks.3.attn.q_proj → blocks.*.attn.q_proj; layer_3.q_proj → layer_*.q_proj (torchvision:
+        # encoder_layer_3); attn1/attn2 (self/cross, diffusers) have no "_" before the digits and stay apart
+        role = re.sub(r"(^|\.)([^.]*_)?\d+(?=\.)", r"\1\2*", name)
         depth = seen[role] = seen.get(role, -1) + 1
         layers, depths = groups.setdefault((role, layer.base.out_features, layer.base.in_features), ([], []))
         layers.append(layer), depths.append(depth)
@@ -860,6 +864,23 @@ def group_layers(lora_layers):
         names = [label(*k, full) for k in keys]
         if len(set(names)) == len(names):
             return dict(zip(names, groups.values()))
+
+
+def warn_single_node_groups(lora_layers, groups):
+    """A graph (and the appendix regularizers) needs depth neighbours: warn when every group of a target
+    name has one node although the model has several such layers (their block index went unrecognised)."""
+    leaf = {id(layer): name.rpartition(".")[2] for name, layer in lora_layers.items()}
+    total, largest = {}, {}
+    for layers, _ in groups.values():
+        name = leaf[id(layers[0])]
+        total[name] = total.get(name, 0) + len(layers)
+        largest[name] = max(largest.get(name, 0), len(layers))
+    lone = [name for name in total if total[name] > 1 and largest[name] == 1]
+    if lone:
+        examples = [n for n in lora_layers if n.rpartition(".")[2] == lone[0]][:3]
+        warnings.warn(f"every graph of {lone} has one node (no edges: graph=True acts as IB-only LoRA): no block "
+                      f"index was found in {examples}. Name blocks by a number (blocks.3) or a number after '_' "
+                      "(layer_3)")
 
 
 def read_adapter_config(path):

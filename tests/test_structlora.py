@@ -1,8 +1,10 @@
 import copy
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 from structlora import StructLoRA, StructLoRAConfig, bernoulli_kl, drift_energy, propagation_matrix
 from toy import ToyModel, randomize_adapters, rel_err
@@ -385,3 +387,38 @@ def test_mask_directions_rejects_bad_input():
         slora.mask_directions({"blocks.0.q_proj": 1}, "norm")
     with pytest.raises(ValueError, match="outside"):
         slora.mask_directions({n: 5 for n in slora.lora_layers}, "norm")
+
+
+class NamedBlocks(nn.Module):
+    """Blocks as attributes named `<prefix>0…` (a user's model, torchvision's encoder_layer_N)."""
+
+    def __init__(self, prefix, n=4):
+        super().__init__()
+        self.prefix = prefix
+        for i in range(n):
+            self.add_module(f"{prefix}{i}", nn.ModuleDict({"q_proj": nn.Linear(8, 8), "k_proj": nn.Linear(8, 8)}))
+
+
+@pytest.mark.parametrize("prefix", ["layer_", "encoder_layer_"])
+def test_blocks_named_with_a_trailing_index_form_one_graph(prefix):
+    slora = StructLoRA(NamedBlocks(prefix), StructLoRAConfig(r=2, target_modules=("q_proj", "k_proj")))
+    assert sorted(slora.graphs) == ["k_proj", "q_proj"]
+    for g in slora.graphs.values():
+        assert len(g.layers) == 4 and torch.equal(g.adj, torch.diag(torch.ones(3), 1) + torch.diag(torch.ones(3), -1))
+
+
+def test_self_and_cross_attention_named_attn1_attn2_stay_apart():
+    # diffusers' blocks: attn1 (self) and attn2 (cross) in every block: two roles, not one chain
+    blocks = nn.ModuleList(nn.ModuleDict({"attn1": nn.ModuleDict({"to_q": nn.Linear(8, 8)}),
+                                          "attn2": nn.ModuleDict({"to_q": nn.Linear(8, 8)})}) for _ in range(3))
+    slora = StructLoRA(nn.ModuleDict({"blocks": blocks}), StructLoRAConfig(r=2, target_modules=("to_q",)))
+    assert sorted(len(g.layers) for g in slora.graphs.values()) == [3, 3]
+
+
+def test_a_graph_of_one_node_per_layer_warns():
+    with pytest.warns(UserWarning, match="one node"):
+        StructLoRA(NamedBlocks("block"), StructLoRAConfig(r=2, target_modules=("q_proj",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StructLoRA(NamedBlocks("block"), StructLoRAConfig(r=2, target_modules=("q_proj",), graph=False))  # IB-only: fine
+        StructLoRA(NamedBlocks("layer_"), StructLoRAConfig(r=2, target_modules=("q_proj",)))
