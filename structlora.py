@@ -743,7 +743,7 @@ class StructLoRA(nn.Module):
         tensors, meta = self.adapter_state()
         os.makedirs(path, exist_ok=True)
         weights, config = os.path.join(path, ADAPTER_WEIGHTS), os.path.join(path, ADAPTER_CONFIG)
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, weights + ".tmp",
+        save_file(unshared(tensors), weights + ".tmp",
                   metadata={"structlora": json.dumps(meta)})  # so load_adapter can tell two saves apart
         with open(config + ".tmp", "w") as f:
             json.dump(meta, f, indent=1)
@@ -796,7 +796,7 @@ class StructLoRA(nn.Module):
             for k, v in self.model.get_submodule(mod).state_dict().items():
                 tensors[f"base_model.model.{rename(mod)}.{k}"] = v.contiguous().cpu()
         os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
+        save_file(unshared(tensors), os.path.join(path, ADAPTER_WEIGHTS))
         r0 = next(iter(ranks.values()))
         config = {"peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": r0,
                   "rank_pattern": {f"^{n}$": k for n, k in ranks.items()},
@@ -806,6 +806,18 @@ class StructLoRA(nn.Module):
                   "base_model_name_or_path": base_model_name_or_path}
         with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=1)
+
+
+def unshared(tensors):
+    """Contiguous CPU tensors, each its own copy where two names share memory (tied modules_to_save:
+    an embedding and its head), which safetensors refuses to write."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        key = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
 
 
 def _get_module(model, name):
@@ -837,7 +849,14 @@ def find_targets(model, cfg):
     if shared:
         raise ValueError(f"one nn.Linear is reachable at several paths {shared[0]}; adapting it at one path would "
                          "leave the others plain. Untie it, or leave it out of target_modules")
-    overlap = [n for n, _ in hits if any(n == s or n.startswith(s + ".") for s in cfg.modules_to_save)]
+    saved = lambda n: any(n == s or n.startswith(s + ".") for s in cfg.modules_to_save)
+    trained = {id(p) for s in cfg.modules_to_save for p in model.get_submodule(s).parameters()}
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in trained and not saved(n)]
+    if tied:
+        raise ValueError(f"modules_to_save {cfg.modules_to_save} hold a weight tied to {tied[:4]}, outside them: "
+                         "a PEFT export would train a separate copy. Add the module holding it to modules_to_save "
+                         "(e.g. the input embedding with a tied head), or untie it")
+    overlap = [n for n, _ in hits if saved(n)]
     if overlap:
         raise ValueError(f"modules_to_save contain adapted layers {overlap[:8]}")
     return hits

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from structlora import StructLoRA, StructLoRAConfig, bernoulli_kl, drift_energy, propagation_matrix
 from toy import ToyModel, randomize_adapters, rel_err
@@ -422,3 +423,55 @@ def test_a_graph_of_one_node_per_layer_warns():
         warnings.simplefilter("error")
         StructLoRA(NamedBlocks("block"), StructLoRAConfig(r=2, target_modules=("q_proj",), graph=False))  # IB-only: fine
         StructLoRA(NamedBlocks("layer_"), StructLoRAConfig(r=2, target_modules=("q_proj",)))
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head shares its weight with the input embedding (as SmolLM2)."""
+
+    def __init__(self, vocab=11, d=16):
+        super().__init__()
+        from toy import ToyBlock
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(3))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_head_tied_to_a_module_outside_modules_to_save_is_refused():
+    model = TiedLM()
+    with pytest.raises(ValueError, match="tied"):
+        StructLoRA(model, StructLoRAConfig(r=2, modules_to_save=("head",)))
+    assert all(p.requires_grad for p in model.parameters())  # untouched: a retry with both works
+    StructLoRA(model, StructLoRAConfig(r=2, modules_to_save=("emb", "head")))
+
+
+def test_tied_modules_to_save_train_save_and_export_as_the_trained_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = TiedLM()
+    slora = StructLoRA(copy.deepcopy(base), StructLoRAConfig(r=2, modules_to_save=("emb", "head"), semantic_every=0))
+    opt = torch.optim.SGD(slora.trainable_parameters(), lr=0.5)
+    for s in range(3):
+        ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(s))
+        F.cross_entropy(slora(ids).flatten(0, 1), ids.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        slora.step()
+    slora.eval()
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        trained = slora(ids)
+        assert rel_err(base(ids), trained) > 0.05  # the tied embedding and head did change
+    slora.save_adapter(tmp_path / "a")
+    slora.export_peft(tmp_path / "peft")
+    loaded = StructLoRA.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids), trained) < 1e-6
+        assert rel_err(ref(ids), trained) < 1e-5
