@@ -766,8 +766,20 @@ class StructLoRA(nn.Module):
     def from_pretrained(cls, model, path, coordinator=None):
         """Builds StructLoRA on `model` with the saved config, then loads the saved adapter."""
         slora = cls(model, StructLoRAConfig(**read_adapter_config(path)["config"]), coordinator)
-        slora.load_adapter(path)
+        try:
+            slora.load_adapter(path)
+        except BaseException:
+            slora._uninject()  # a corrupt or mismatched folder leaves the model as it was, ready for a retry
+            raise
         return slora
+
+    def _uninject(self):
+        """Puts the plain base layers back and the requires_grad flags as they were (no merge)."""
+        for name, layer in self.lora_layers.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, layer.base)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self.requires_grad_before[n])
 
     @torch.no_grad()
     def export_peft(self, path, rename=None, base_model_name_or_path=None):

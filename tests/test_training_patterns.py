@@ -244,3 +244,23 @@ def test_export_peft_in_the_middle_of_training_keeps_training_exactly(tmp_path):
     train(ref, 3, 0)  # the same steps without the export
     for (n, p), q in zip(slora.named_parameters(), ref.parameters()):
         assert torch.equal(p, q), n
+
+
+def test_a_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+    slora = make(modules_to_save=("head",))
+    slora.save_adapter(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop("blocks.0.q_proj.lora_A")  # a mismatched (or half-copied) adapter folder
+    save_file(tensors, weights)
+    model = ToyModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="missing"):
+        StructLoRA.from_pretrained(model, tmp_path / "a")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    slora.save_adapter(tmp_path / "b")
+    StructLoRA.from_pretrained(model, tmp_path / "b")  # a retry on the same model works
