@@ -701,6 +701,28 @@ class StructLoRA(nn.Module):
         meta = {"format": "structlora", "config": asdict(self.cfg), "layers": self._shapes(), "steps": self.steps}
         return {k: v.detach() for k, v in sd.items()}, meta
 
+    def get_extra_state(self):
+        """What state_dict() carries beyond tensors attached to modules (Lightning, accelerate and the HF
+        Trainer checkpoint that): the step count (KL warm-up, rebuild schedule), each graph's sketch EMA,
+        and whether the sketches are armed. Taken between two step() calls, it resumes exactly."""
+        self._live()
+        return {"steps": self.steps, "armed": any(l.sketch_P is not None for l in self.lora_layers.values()),
+                "sketch_ema": {key: g.sketch_ema for key, g in self.graphs.items()}}
+
+    def set_extra_state(self, state):
+        self._live()
+        if set(state["sketch_ema"]) != set(self.graphs):
+            raise ValueError(f"state_dict has graphs {sorted(state['sketch_ema'])}, this wrapper {sorted(self.graphs)}")
+        self.steps = state["steps"]
+        for key, graph in self.graphs.items():
+            ema = state["sketch_ema"][key]
+            graph.sketch_ema = None if ema is None else ema.detach().float().cpu().clone()
+        for layer in self.lora_layers.values():
+            layer.sketch_P, layer.sketch = None, None
+        if state["armed"]:
+            for graph in self.graphs.values():
+                graph.arm_sketches()
+
     def _shapes(self):
         return {n: [l.base.out_features, l.base.in_features] for n, l in self.lora_layers.items()}
 
