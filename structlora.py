@@ -382,9 +382,10 @@ class LayerGraph(nn.Module):
     """One node per adapted layer; edges: depth neighbours (chain) and/or layers whose gradient sketches
     align (semantic); and the coordinator that mixes the nodes' updates along them."""
 
-    def __init__(self, layers, depth, cfg: StructLoRAConfig, seed: int, coordinator):
+    def __init__(self, layers, depth, cfg: StructLoRAConfig, seed: int, coordinator, process_group=None):
         super().__init__()
         self.layers, self.cfg = list(layers), cfg  # plain list: the layers live in the model
+        self.process_group = process_group  # the ranks that train this model together (None: the default group)
         n, dev = len(self.layers), self.layers[0].lora_A.device
         chain = chain_adjacency(depth)
         # Fixed-shape buffers, updated in place, so DDP's buffer broadcast always matches
@@ -460,9 +461,11 @@ class LayerGraph(nn.Module):
         shape, dev = (self.layers[0].base.out_features, self.cfg.sketch_dim), self.adj.device
         s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches])
         have = torch.tensor([float(x is not None) for x in sketches], device=dev)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(s), dist.all_reduce(have)  # with DDP's loss scaling, the average is the
-        s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0  # one-process sketch
+        group = self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            dist.all_reduce(s, group=group)  # with DDP's loss scaling, the average is the one-process sketch
+            dist.all_reduce(have, group=group)
+        s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0
         if not have.any():
             return  # no training backward ran since the sketches were armed
         if not have.all():
@@ -524,7 +527,9 @@ def neighbour_penalty(layers, depth, kind):
 class StructLoRA(nn.Module):
     """Wraps a model: adapts its target nn.Linear layers, freezes the rest, and owns the graphs."""
 
-    def __init__(self, model: nn.Module, cfg: StructLoRAConfig, coordinator=None):
+    def __init__(self, model: nn.Module, cfg: StructLoRAConfig, coordinator=None, process_group=None):
+        """process_group: the ranks that train this model together (DDP's group), over which the gradient
+        sketches are averaged; None: the default group when torch.distributed is initialized."""
         super().__init__()
         if (cfg.coordinator == "custom") != (coordinator is not None):
             raise ValueError("pass a coordinator class exactly when cfg.coordinator == 'custom'")
@@ -538,7 +543,7 @@ class StructLoRA(nn.Module):
         if cfg.graph:
             make = coordinator or {"smooth": Smooth, "gcn": GCN}[cfg.coordinator]
             for key, (layers, depth) in self.groups.items():
-                graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make)
+                graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make, process_group)
         self.cfg, self.model, self.graphs, self.steps, self.merged = cfg, model, graphs, 0, False
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
@@ -785,9 +790,9 @@ class StructLoRA(nn.Module):
         self.load_adapter_state(tensors, meta)
 
     @classmethod
-    def from_pretrained(cls, model, path, coordinator=None):
+    def from_pretrained(cls, model, path, coordinator=None, process_group=None):
         """Builds StructLoRA on `model` with the saved config, then loads the saved adapter."""
-        slora = cls(model, StructLoRAConfig(**read_adapter_config(path)["config"]), coordinator)
+        slora = cls(model, StructLoRAConfig(**read_adapter_config(path)["config"]), coordinator, process_group)
         try:
             slora.load_adapter(path)
         except BaseException:

@@ -17,6 +17,7 @@ import train_llama
 import train_vit
 
 from test_train_vit import tiny  # noqa: F401 (fixture)
+from toy import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
@@ -46,6 +47,23 @@ def test_ddp_structlora_builds_one_graph_on_every_rank(tmp_path):
     assert semantic, "no semantic edge was built: the test would not see diverging graphs"
     assert torch.equal(torch.tensor(r0["out"]), torch.tensor(r1["out"]))
     assert r0["open"] == r1["open"] and min(r0["open"].values()) < 4  # the pruned direction is closed
+    # The sketches averaged over ranks are the one-process sketches of the global batch (a sum would
+    # double the EMA and leave the edges as they are); each rank's loss is a mean over equal halves
+    from ddp_structlora import batches, build, state, train
+    one = build()
+    train(one, one, [(torch.cat([x0, x1]), torch.cat([y0, y1])) for (x0, y0), (x1, y1) in zip(batches(100), batches(101))])
+    ref = state(one)
+    assert r0["adj"] == ref["adj"]
+    for key, ema in ref["ema"].items():
+        assert rel_err(torch.tensor(r0["ema"][key]), torch.tensor(ema)) < 1e-4
+    # A rank training its own model in its own process group builds the graph of its data alone
+    for rank, part in enumerate((r0, r1)):
+        alone = build()
+        train(alone, alone, batches(200 + rank))
+        ref = state(alone)
+        assert part["alone"]["adj"] == ref["adj"]
+        for key, ema in ref["ema"].items():
+            assert rel_err(torch.tensor(part["alone"]["ema"][key]), torch.tensor(ema)) < 1e-4
 
 
 @pytest.fixture(scope="module")
