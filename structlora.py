@@ -85,6 +85,9 @@ class StructLoRAConfig:
         if self.ib and self.gate_init < self.prune_below:
             raise ValueError(f"gate_init {self.gate_init} < prune_below {self.prune_below} closes every direction "
                              "at step 0; start the gates open")
+        if self.ib and self.prior >= self.prune_below:
+            raise ValueError(f"need prior π0 {self.prior} < prune_below {self.prune_below}: a direction the task "
+                             "does not hold open must be able to close")
         if self.tau <= 0 or not 0 <= self.dropout < 1:
             raise ValueError("tau must be > 0 and dropout in [0, 1)")
         choices = {"coordinator": ("smooth", "gcn", "custom"), "edges": ("hybrid", "chain", "semantic"),

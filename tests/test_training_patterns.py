@@ -283,3 +283,12 @@ def test_resume_through_the_wrappers_state_dict_is_exact(tmp_path, split):
     b, meta_b = resumed.adapter_state()
     assert meta == meta_b and any(k.endswith("sketch_ema") for k in a)
     assert all(rel_err(b[k], a[k]) < 1e-12 or torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_prior_at_or_above_prune_below_is_refused():
+    # π0 < prune_below: a direction the task does not hold open must drift below the cut
+    for prior in (0.5, 0.7):
+        with pytest.raises(ValueError, match="prior"):
+            StructLoRAConfig(prior=prior, prune_below=0.5)
+    StructLoRAConfig(prior=0.7, prune_below=0.5, ib=False)  # without the gate, π0 is unused
+    StructLoRAConfig(prior=0.49, prune_below=0.5)
