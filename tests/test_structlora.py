@@ -475,3 +475,109 @@ def test_tied_modules_to_save_train_save_and_export_as_the_trained_model(tmp_pat
     with torch.no_grad():
         assert rel_err(loaded(ids), trained) < 1e-6
         assert rel_err(ref(ids), trained) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Each test below fails on a plausible one-line bug (named in its comment), against a reference
+# that shares no code with structlora.py.
+
+
+def test_propagation_matrices_equal_their_formulas():
+    # bug guarded: "sym" written as column normalisation (A+I)·D^-1
+    adj = np.zeros((5, 5))
+    for i, j in [(0, 1), (1, 2), (2, 3), (3, 4), (0, 3), (1, 3)]:  # uneven degrees
+        adj[i, j] = adj[j, i] = 1
+    a = adj + np.eye(5)
+    deg = a.sum(1)
+    rw = a / deg[:, None]
+    sym = np.diag(deg ** -0.5) @ a @ np.diag(deg ** -0.5)
+    np.testing.assert_allclose(propagation_matrix(torch.tensor(adj), "rw").numpy(), rw, atol=1e-15)
+    np.testing.assert_allclose(propagation_matrix(torch.tensor(adj), "sym").numpy(), sym, atol=1e-15)
+
+
+def test_kl_warmup_ramps_linearly_to_one():
+    # bug guarded: a warm-up that never reaches 1 (s/(s+W) instead of min(1, s/W))
+    _, slora = make(kl_warmup_steps=4, beta=0.3, prior=0.1)
+    randomize_adapters(slora)
+    phi = torch.stack([l.gate_logits for l in slora.lora_layers.values()]).detach().double()
+    kl = torch.distributions.kl_divergence(torch.distributions.Bernoulli(logits=phi),
+                                           torch.distributions.Bernoulli(probs=torch.tensor(0.1, dtype=torch.float64))).sum()
+    for steps, warm in [(0, 0.0), (1, 0.25), (2, 0.5), (4, 1.0), (7, 1.0)]:
+        while slora.steps < steps:
+            slora.step()
+        assert slora.ib_loss().item() == pytest.approx(0.3 * warm * kl.item(), rel=1e-5, abs=1e-12), steps
+
+
+def hand_merged(base, slora):
+    """The base model with W0 + (α/r)·B·diag(q·[q ≥ prune_below])·A (each layer alone), in float64 numpy."""
+    ref = copy.deepcopy(base).double().eval()
+    with torch.no_grad():
+        for name, l in slora.lora_layers.items():
+            q = 1 / (1 + np.exp(-l.gate_logits.detach().double().numpy()))
+            dW = l.scaling * l.lora_B.detach().double().numpy() @ np.diag(q * (q >= 0.5)) @ l.lora_A.detach().double().numpy()
+            ref.get_submodule(name).weight += torch.from_numpy(dW)
+    return ref
+
+
+def test_ib_without_graph_evaluates_with_the_deterministic_gates():
+    # bug guarded: graph=False (the "ib" row) evaluating with a training Concrete sample
+    base, slora = make(graph=False)
+    randomize_adapters(slora)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    slora.double().eval()
+    with torch.no_grad():
+        assert rel_err(slora(x), hand_merged(base, slora)(x)) < 1e-12
+
+
+def test_merge_and_unload_in_train_mode_merges_the_deterministic_gates():
+    # bug guarded: merge_and_unload() without switching to eval (it would merge one training sample)
+    base, slora = make(graph=False)
+    randomize_adapters(slora)
+    ref = hand_merged(base, slora)
+    merged = slora.double().train().merge_and_unload().eval()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(merged(x), ref(x)) < 1e-12
+
+
+def test_lora_dropout_equals_peft_in_training():
+    # bug guarded: LoRA dropout never applied
+    peft = pytest.importorskip("peft")
+    base, slora = make(ib=False, graph=False, dropout=0.3)
+    randomize_adapters(slora)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3))
+    ref.load_state_dict({f"base_model.model.{n}.lora_{k}.default.weight": getattr(l, f"lora_{k}")
+                         for n, l in slora.lora_layers.items() for k in "AB"}, strict=False)
+    x = torch.randn(2, 7, 16)
+    slora.train()
+    ref.train()
+    torch.manual_seed(3)
+    ours = slora(x)
+    torch.manual_seed(3)  # the same dropout masks: both draw them from the global RNG, layer by layer
+    assert rel_err(ours, ref(x)) < 1e-6
+    slora.eval()
+    assert rel_err(ours, slora(x)) > 1e-3  # dropout did something
+
+
+def test_adjacent_cosine_is_over_depth_neighbours_only():
+    # bug guarded: the diagnostics' "adjacent cosine" averaged over the semantic edges too
+    _, slora = make(semantic_every=0)
+    randomize_adapters(slora)
+    graph = slora.graphs["v_proj"]
+    adj = graph.adj.clone()
+    adj[0, 3] = adj[3, 0] = adj[1, 4] = adj[4, 1] = 1.0  # two semantic edges
+    graph.set_edges(adj)
+    slora.eval()
+    d = slora.diagnostics()["v_proj"]
+    layers = [l for n, l in slora.lora_layers.items() if n.endswith("v_proj")]
+    before = []
+    for l in layers:  # ΔW̃ with the deterministic gates, by hand
+        q = 1 / (1 + np.exp(-l.gate_logits.detach().double().numpy()))
+        before.append((l.scaling * l.lora_B.detach().double().numpy() @ np.diag(q * (q >= 0.5))
+                       @ l.lora_A.detach().double().numpy()).ravel())
+    with torch.no_grad():
+        after = [l.delta_weight().double().flatten().numpy() for l in layers]
+    for key, H in [("adjacent_cosine_before", before), ("adjacent_cosine_after", after)]:
+        cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(H, H[1:])]
+        assert d[key] == pytest.approx(np.mean(cos), rel=1e-5, abs=1e-7), key
