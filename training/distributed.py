@@ -221,7 +221,7 @@ def load_checkpoint(args):
             for k in compared if not same_value(saved.get(k), ours.get(k))]
     if diff:
         raise ValueError(f"cannot resume {args.resume}: it was trained with " + ", ".join(diff))
-    for k in set(saved) & set(ours) - FREE_ON_RESUME - given:
+    for k in (set(saved) & set(ours)) - FREE_ON_RESUME - given:
         setattr(args, k, saved[k])  # not given now (e.g. --bf16, resolved from --device): the run's own
     args.out = args.resume
     return ckpt
