@@ -95,14 +95,12 @@ def adapter(run):
 
 
 def assert_same_adapter(run, ref, tol=1e-4):
-    """Equal tensors; the sketch EMA (used only through cosines) may differ by a positive factor."""
+    """Equal tensors, the sketch EMA included: averaged over the ranks it is the one-process one (a sum
+    would scale it by the world size, which a resume on another world size would then mix)."""
     a, b = adapter(run), adapter(ref)
     assert a.keys() == b.keys()
     for k in a:
-        if k.endswith("sketch_ema"):
-            assert torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), 0) > 1 - 1e-6, k
-        else:
-            assert (a[k] - b[k]).norm() <= tol * b[k].norm(), k
+        assert (a[k] - b[k]).norm() <= tol * b[k].norm(), k
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
