@@ -98,6 +98,9 @@ class StructLoRAConfig:
         if self.ib and self.gate_init < self.prune_below:
             raise ValueError(f"gate_init {self.gate_init} < prune_below {self.prune_below} closes every direction "
                              "at step 0; start the gates open")
+        if self.ib and self.prior >= self.prune_below:
+            raise ValueError(f"need prior π0 {self.prior} < prune_below {self.prune_below}: a direction the task "
+                             "does not hold open must be able to close")
         if self.tau <= 0 or not 0 <= self.dropout < 1:
             raise ValueError("tau must be > 0 and dropout in [0, 1)")
         choices = {"coordinator": ("smooth", "gcn", "custom"), "edges": ("hybrid", "chain", "semantic"),
@@ -253,7 +256,7 @@ def semantic_adjacency(sketches, topk, threshold, exclude):
     """Edges i–j whose gradient sketches align (cosine > threshold), best first, each node taking at
     most `topk` of them; pairs where `exclude` is set (existing edges, self) are never chosen."""
     z = F.normalize(sketches.flatten(1).double(), dim=1)
-    silent = z.norm(dim=1) == 0  # a layer no gradient has reached yet
+    silent = (z.norm(dim=1) == 0) | ~torch.isfinite(z).all(1)  # no gradient reached it yet, or a NaN/inf one
     cos = (z @ z.T).masked_fill(exclude.bool() | torch.eye(len(z), dtype=torch.bool) | silent[:, None] | silent, -2.0)
     adj, deg = torch.zeros_like(exclude, dtype=torch.float32), [0] * len(z)
     iu = torch.triu_indices(len(z), len(z), 1)
@@ -397,9 +400,10 @@ class LayerGraph(nn.Module):
     """One node per adapted layer; edges: depth neighbours (chain) and/or layers whose gradient sketches
     align (semantic); and the coordinator that mixes the nodes' updates along them."""
 
-    def __init__(self, layers, depth, cfg: StructLoRAConfig, seed: int, coordinator):
+    def __init__(self, layers, depth, cfg: StructLoRAConfig, seed: int, coordinator, process_group=None):
         super().__init__()
         self.layers, self.cfg = list(layers), cfg  # plain list: the layers live in the model
+        self.process_group = process_group  # the ranks that train this model together (None: the default group)
         n, dev = len(self.layers), self.layers[0].lora_A.device
         chain = chain_adjacency(depth)
         # Fixed-shape buffers, updated in place, so DDP's buffer broadcast always matches
@@ -475,10 +479,11 @@ class LayerGraph(nn.Module):
         shape, dev = (self.layers[0].base.out_features, self.cfg.sketch_dim), self.adj.device
         s = torch.stack([x if x is not None else torch.zeros(shape, device=dev) for x in sketches])
         have = torch.tensor([float(x is not None) for x in sketches], device=dev)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        group = self.process_group
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             # with DDP's loss scaling, the average is the one-process sketch
-            dist.all_reduce(s)
-            dist.all_reduce(have)
+            dist.all_reduce(s, group=group)
+            dist.all_reduce(have, group=group)
         s, have = (s / have.clamp_min(1)[:, None, None]).cpu(), have.cpu() > 0
         if not have.any():
             return  # no training backward ran since the sketches were armed
@@ -486,6 +491,11 @@ class LayerGraph(nn.Module):
             missing = [i for i in range(len(self.layers)) if not have[i]]
             warnings.warn(f"layers {missing} of a graph got no gradient sketch since the last rebuild "
                           "(no gradient reached them): they keep their old sketch and gain no semantic edge")
+        finite = torch.isfinite(s).flatten(1).all(1)
+        if not finite[have].all():  # a NaN/inf batch or an fp16 overflow (a step the GradScaler skips)
+            warnings.warn(f"layers {(have & ~finite).nonzero().flatten().tolist()} of a graph got a non-finite "
+                          "gradient sketch: it is skipped, they keep their old sketch EMA")
+            have = have & finite  # every rank sees the same all-reduced sum, so every rank skips the same
         rho, ema = self.cfg.sketch_ema, self.sketch_ema if self.sketch_ema is not None else torch.zeros_like(s)
         fresh = (ema.flatten(1).norm(dim=1) == 0)[:, None, None]  # first sketch of a layer: taken as it is
         self.sketch_ema = torch.where(have[:, None, None], torch.where(fresh, s, rho * ema + (1 - rho) * s), ema)
@@ -536,7 +546,9 @@ def neighbour_penalty(layers, depth, kind):
 class StructLoRA(nn.Module):
     """Wraps a model: adapts its target nn.Linear layers, freezes the rest, and owns the graphs."""
 
-    def __init__(self, model: nn.Module, cfg: StructLoRAConfig, coordinator=None):
+    def __init__(self, model: nn.Module, cfg: StructLoRAConfig, coordinator=None, process_group=None):
+        """process_group: the ranks that train this model together (DDP's group), over which the gradient
+        sketches are averaged; None: the default group when torch.distributed is initialized."""
         super().__init__()
         if (cfg.coordinator == "custom") != (coordinator is not None):
             raise ValueError("pass a coordinator class exactly when cfg.coordinator == 'custom'")
@@ -545,10 +557,12 @@ class StructLoRA(nn.Module):
         lora_layers = {name: LoRALinear(base, cfg, gen) for name, base in targets}  # in depth order
         self.groups = group_layers(lora_layers)  # {key: (layers, depth)}
         graphs = nn.ModuleDict()
+        if cfg.graph or cfg.reg != "none":
+            warn_single_node_groups(lora_layers, self.groups)
         if cfg.graph:
             make = coordinator or {"smooth": Smooth, "gcn": GCN}[cfg.coordinator]
             for key, (layers, depth) in self.groups.items():
-                graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make)
+                graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make, process_group)
         self.cfg, self.model, self.graphs, self.steps, self.merged = cfg, model, graphs, 0, False
         self.register_buffer("budget_lambda", torch.zeros((), device=next(iter(lora_layers.values())).lora_A.device))
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -716,6 +730,28 @@ class StructLoRA(nn.Module):
         meta = {"format": "structlora", "config": asdict(self.cfg), "layers": self._shapes(), "steps": self.steps}
         return {k: v.detach() for k, v in sd.items()}, meta
 
+    def get_extra_state(self):
+        """What state_dict() carries beyond tensors attached to modules (Lightning, accelerate and the HF
+        Trainer checkpoint that): the step count (KL warm-up, rebuild schedule), each graph's sketch EMA,
+        and whether the sketches are armed. Taken between two step() calls, it resumes exactly."""
+        self._live()
+        return {"steps": self.steps, "armed": any(l.sketch_P is not None for l in self.lora_layers.values()),
+                "sketch_ema": {key: g.sketch_ema for key, g in self.graphs.items()}}
+
+    def set_extra_state(self, state):
+        self._live()
+        if set(state["sketch_ema"]) != set(self.graphs):
+            raise ValueError(f"state_dict has graphs {sorted(state['sketch_ema'])}, this wrapper {sorted(self.graphs)}")
+        self.steps = state["steps"]
+        for key, graph in self.graphs.items():
+            ema = state["sketch_ema"][key]
+            graph.sketch_ema = None if ema is None else ema.detach().float().cpu().clone()
+        for layer in self.lora_layers.values():
+            layer.sketch_P, layer.sketch = None, None
+        if state["armed"]:
+            for graph in self.graphs.values():
+                graph.arm_sketches()
+
     def _shapes(self):
         return {n: [l.base.out_features, l.base.in_features] for n, l in self.lora_layers.items()}
 
@@ -758,7 +794,7 @@ class StructLoRA(nn.Module):
         tensors, meta = self.adapter_state()
         os.makedirs(path, exist_ok=True)
         weights, config = os.path.join(path, ADAPTER_WEIGHTS), os.path.join(path, ADAPTER_CONFIG)
-        save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, weights + ".tmp",
+        save_file(unshared(tensors), weights + ".tmp",
                   metadata={"structlora": json.dumps(meta)})  # so load_adapter can tell two saves apart
         with open(config + ".tmp", "w") as f:
             json.dump(meta, f, indent=1)
@@ -779,11 +815,23 @@ class StructLoRA(nn.Module):
         self.load_adapter_state(tensors, meta)
 
     @classmethod
-    def from_pretrained(cls, model, path, coordinator=None):
+    def from_pretrained(cls, model, path, coordinator=None, process_group=None):
         """Builds StructLoRA on `model` with the saved config, then loads the saved adapter."""
-        slora = cls(model, StructLoRAConfig(**read_adapter_config(path)["config"]), coordinator)
-        slora.load_adapter(path)
+        slora = cls(model, StructLoRAConfig(**read_adapter_config(path)["config"]), coordinator, process_group)
+        try:
+            slora.load_adapter(path)
+        except BaseException:
+            slora._uninject()  # a corrupt or mismatched folder leaves the model as it was, ready for a retry
+            raise
         return slora
+
+    def _uninject(self):
+        """Puts the plain base layers back and the requires_grad flags as they were (no merge)."""
+        for name, layer in self.lora_layers.items():
+            parent, _, leaf = name.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, layer.base)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self.requires_grad_before[n])
 
     @torch.no_grad()
     def export_peft(self, path, rename=None, base_model_name_or_path=None):
@@ -793,10 +841,15 @@ class StructLoRA(nn.Module):
         from safetensors.torch import save_file
         rename = rename or (lambda name: name)
         self._live()
-        self.eval()
+        modes = {m: m.training for m in self.modules()}
+        self.eval()  # ΔW^f with the deterministic gates
+        try:
+            factors = {name: layer.factors() for name, layer in self.lora_layers.items()}
+        finally:
+            for m, training in modes.items():
+                m.training = training  # a mid-training export leaves the run as it found it
         tensors, ranks = {}, {}
-        for name, layer in self.lora_layers.items():
-            B, d, A = layer.factors()
+        for name, (B, d, A) in factors.items():
             keep = d != 0
             if not keep.any():
                 keep[0] = True  # PEFT needs rank ≥ 1; this direction's d is 0
@@ -807,7 +860,7 @@ class StructLoRA(nn.Module):
             for k, v in self.model.get_submodule(mod).state_dict().items():
                 tensors[f"base_model.model.{rename(mod)}.{k}"] = v.contiguous().cpu()
         os.makedirs(path, exist_ok=True)
-        save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS))
+        save_file(unshared(tensors), os.path.join(path, ADAPTER_WEIGHTS))
         r0 = next(iter(ranks.values()))
         config = {"peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": r0,
                   "rank_pattern": {f"^{n}$": k for n, k in ranks.items()},
@@ -817,6 +870,18 @@ class StructLoRA(nn.Module):
                   "base_model_name_or_path": base_model_name_or_path}
         with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=1)
+
+
+def unshared(tensors):
+    """Contiguous CPU tensors, each its own copy where two names share memory (tied modules_to_save:
+    an embedding and its head), which safetensors refuses to write."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().cpu().contiguous()
+        key = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if key in seen else v
+        seen.add(key)
+    return out
 
 
 def _get_module(model, name):
@@ -848,7 +913,14 @@ def find_targets(model, cfg):
     if shared:
         raise ValueError(f"one nn.Linear is reachable at several paths {shared[0]}; adapting it at one path would "
                          "leave the others plain. Untie it, or leave it out of target_modules")
-    overlap = [n for n, _ in hits if any(n == s or n.startswith(s + ".") for s in cfg.modules_to_save)]
+    saved = lambda n: any(n == s or n.startswith(s + ".") for s in cfg.modules_to_save)
+    trained = {id(p) for s in cfg.modules_to_save for p in model.get_submodule(s).parameters()}
+    tied = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in trained and not saved(n)]
+    if tied:
+        raise ValueError(f"modules_to_save {cfg.modules_to_save} hold a weight tied to {tied[:4]}, outside them: "
+                         "a PEFT export would train a separate copy. Add the module holding it to modules_to_save "
+                         "(e.g. the input embedding with a tied head), or untie it")
+    overlap = [n for n, _ in hits if saved(n)]
     if overlap:
         raise ValueError(f"modules_to_save contain adapted layers {overlap[:8]}")
     return hits
@@ -861,7 +933,9 @@ def group_layers(lora_layers):
     A group is named by the shortest of: target name, name_OUTxIN, role, role_OUTxIN that is unique."""
     groups, seen = {}, {}
     for name, layer in lora_layers.items():
-        role = re.sub(r"(^|\.)\d+(?=\.)", r"\1*", name)  # blocks.3.attn.q_proj → blocks.*.attn.q_proj
+        # blocks.3.attn.q_proj → blocks.*.attn.q_proj; layer_3.q_proj → layer_*.q_proj (torchvision:
+        # encoder_layer_3); attn1/attn2 (self/cross, diffusers) have no "_" before the digits and stay apart
+        role = re.sub(r"(^|\.)([^.]*_)?\d+(?=\.)", r"\1\2*", name)
         depth = seen[role] = seen.get(role, -1) + 1
         layers, depths = groups.setdefault((role, layer.base.out_features, layer.base.in_features), ([], []))
         layers.append(layer)
@@ -874,6 +948,23 @@ def group_layers(lora_layers):
         names = [label(*k, full) for k in keys]
         if len(set(names)) == len(names):
             return dict(zip(names, groups.values()))
+
+
+def warn_single_node_groups(lora_layers, groups):
+    """A graph (and the appendix regularizers) needs depth neighbours: warn when every group of a target
+    name has one node although the model has several such layers (their block index went unrecognised)."""
+    leaf = {id(layer): name.rpartition(".")[2] for name, layer in lora_layers.items()}
+    total, largest = {}, {}
+    for layers, _ in groups.values():
+        name = leaf[id(layers[0])]
+        total[name] = total.get(name, 0) + len(layers)
+        largest[name] = max(largest.get(name, 0), len(layers))
+    lone = [name for name in total if total[name] > 1 and largest[name] == 1]
+    if lone:
+        examples = [n for n in lora_layers if n.rpartition(".")[2] == lone[0]][:3]
+        warnings.warn(f"every graph of {lone} has one node (no edges: graph=True acts as IB-only LoRA): no block "
+                      f"index was found in {examples}. Name blocks by a number (blocks.3) or a number after '_' "
+                      "(layer_3)")
 
 
 def read_adapter_config(path):

@@ -51,6 +51,7 @@ def parse_args(argv=None):
     add_export_args(p)
     distributed.add_args(p)
     args = p.parse_args(argv)
+    args.given = distributed.given_flags(p, argv)  # what --resume compares
     if args.epochs < 0:
         p.error(f"--epochs {args.epochs}: must be 0 (score the base model) or more")
     return args

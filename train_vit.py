@@ -51,7 +51,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/vit", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
     add_export_args(p)
     distributed.add_args(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.given = distributed.given_flags(p, argv)  # what --resume compares
+    return args
 
 
 def make_splits(args, ty, test_y):

@@ -152,3 +152,30 @@ def test_load_checkpoint_returns_the_run_folder_and_leaves_args_alone(tiny, tmp_
     assert args.out == str(tmp_path / "b")
     args = train_vit.parse_args(flags(tiny) + ["--out", str(tmp_path / "b")])
     assert distributed.load_checkpoint(args) == (None, str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("script", ["train_vit", "train_llama", "train_llava"])
+def test_bad_run_flags_are_refused_before_anything_loads(script, tmp_path, capsys):
+    import importlib
+    mod = importlib.import_module(script)
+    for flag, value in [("--batch-size", "0"), ("--epochs", "-1"), ("--save-every", "-1")]:
+        with pytest.raises((ValueError, SystemExit)) as e:
+            mod.main(mod.parse_args([flag, value, "--out", str(tmp_path / "x"), "--device", "cpu"]))
+        assert flag in str(e.value) + capsys.readouterr().err, (flag, e.value)  # argparse's error goes to stderr
+        assert not (tmp_path / "x").exists()
+
+
+def test_resume_compares_resolved_paths_and_only_the_flags_given(tiny, tmp_path, monkeypatch):
+    import os
+    from training import distributed
+    run(tiny, tmp_path / "a", "--method", "ib")  # trained on the CPU: bf16 off
+    monkeypatch.chdir(tmp_path)
+    same_model = ["--model", os.path.relpath(tiny / "ckpt", tmp_path)]  # the same folder, written relative
+    args = train_vit.parse_args(["--resume", str(tmp_path / "a"), "--device", "cuda", *same_model])
+    args.bf16 = True  # what main() resolves for --device cuda when --bf16 is not given
+    _, out = distributed.load_checkpoint(args)
+    assert args.bf16 is False and args.method == "ib" and args.rank == 2 and args.epochs == 2  # the run's own
+    assert args.device == "cuda" and out == str(tmp_path / "a")
+    given = train_vit.parse_args(["--resume", str(tmp_path / "a"), "--bf16", "--rank", "2"])
+    with pytest.raises(ValueError, match=r"--bf16 False \(this run: True\)"):
+        distributed.load_checkpoint(given)  # a flag the user did pass is compared

@@ -228,3 +228,75 @@ def test_encoder_and_decoder_layers_form_separate_graphs():
     assert sorted(len(g.layers) for g in slora.graphs.values()) == [3, 3, 3]
     for g in slora.graphs.values():
         assert torch.equal(g.adj, g.chain) and g.chain.sum() == 4  # a chain of 3 within one role
+
+
+def test_a_non_finite_sketch_is_skipped_and_keeps_the_old_ema():
+    # An fp16 overflow or a NaN batch while the sketches are armed must not poison the EMA for good
+    slora = make(edges="semantic", semantic_every=1, semantic_topk=1, semantic_threshold=0.1)
+    rebuild(slora, aligned_sketches())
+    graph = slora.graphs["q_proj"]
+    before = graph.sketch_ema.clone()
+    bad = aligned_sketches(seed=1)
+    bad[2][0, 0] = float("nan")
+    bad[4][1, 1] = float("inf")
+    with pytest.warns(UserWarning, match="non-finite"):
+        rebuild(slora, bad)
+    ema = graph.sketch_ema
+    assert torch.isfinite(ema).all()
+    assert torch.equal(ema[2], before[2]) and torch.equal(ema[4], before[4])  # skipped: the old EMA stays
+    rho = slora.cfg.sketch_ema
+    for i in (0, 1, 3):  # the finite ones were averaged in, as a float64 hand computation says
+        ref = rho * before[i].double() + (1 - rho) * bad[i].double()
+        assert rel_err(ema[i].double(), ref) < 1e-6
+
+
+def test_nan_cosines_never_form_semantic_edges():
+    from structlora import semantic_adjacency
+    s = torch.stack(aligned_sketches(6))
+    s[1] = float("nan")  # a NaN sketch reaching the edge builder anyway
+    s[4, 0, 0] = float("nan")
+    adj = semantic_adjacency(s, topk=1, threshold=0.1, exclude=torch.zeros(6, 6))
+    assert adj[1].sum() == 0 and adj[4].sum() == 0
+    finite = semantic_adjacency(s[[0, 2, 3, 5]], topk=1, threshold=0.1, exclude=torch.zeros(4, 4))
+    assert torch.equal(adj[[0, 2, 3, 5]][:, [0, 2, 3, 5]], finite)  # the others pair as if 1, 4 were absent
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_a_fresh_gcn_with_identity_is_smooth_at_eta_init(T):
+    # bug guarded: Θ^(t) starting at I instead of η_init·I (the config says gcn starts as smooth at η_init)
+    torch.manual_seed(0)
+    cfg = dict(r=4, alpha=8, semantic_every=0, graph_layers=T, eta_init=0.3)
+    smooth = StructLoRA(ToyModel(), StructLoRAConfig(**cfg)).double()
+    torch.manual_seed(0)
+    gcn = StructLoRA(ToyModel(), StructLoRAConfig(**cfg, coordinator="gcn", gcn_activation="identity")).double()
+    g = torch.Generator().manual_seed(1)
+    for a, b in zip(smooth.lora_layers.values(), gcn.lora_layers.values()):
+        with torch.no_grad():
+            a.lora_B.copy_(torch.randn(a.lora_B.shape, generator=g, dtype=torch.float64))
+            b.lora_B.copy_(a.lora_B)
+    assert smooth.graphs["q_proj"].coordinator.eta().item() == pytest.approx(0.3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(gcn.eval()(x), smooth.eval()(x)) < 1e-6  # η = σ(ψ) was rounded to float32 at init
+
+
+def test_semantic_edges_come_from_the_sketch_ema():
+    # bugs guarded: edges from the raw last sketch instead of the EMA; the EMA's weights swapped
+    slora = make(edges="semantic", semantic_every=1, semantic_topk=1, semantic_threshold=0.5)
+    g = torch.Generator().manual_seed(3)
+    v, w = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+    noise = lambda: [0.2 * torch.randn(16, 16, generator=g) for _ in range(5)]
+    first = [x + (v if i in (0, 3) else 0) for i, x in enumerate(noise())]   # 0–3 aligned
+    second = [x + (w if i in (1, 4) else 0) for i, x in enumerate(noise())]  # 1–4 aligned, in the last sketch only
+    rebuild(slora, first)
+    slora.step()
+    for layer, s in zip(slora.graphs["q_proj"].layers, second):
+        layer.sketch = s.clone()
+    slora.step()
+    rho = slora.cfg.sketch_ema
+    ema = np.stack([(rho * a.double() + (1 - rho) * b.double()).numpy().ravel() for a, b in zip(first, second)])
+    z = ema / np.linalg.norm(ema, axis=1, keepdims=True)
+    cos = z @ z.T
+    assert cos[0, 3] > 0.5 and max(cos[i, j] for i in range(5) for j in range(i + 1, 5) if (i, j) != (0, 3)) < 0.5
+    adj = slora.graphs["q_proj"].adj
+    assert [(i, j) for i in range(5) for j in range(i + 1, 5) if adj[i, j]] == [(0, 3)]

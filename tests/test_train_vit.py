@@ -107,12 +107,34 @@ def test_fashion_mnist_reader():
 
 
 @pytest.mark.parametrize("rule", ["norm", "random"])
-def test_filter_baseline_keeps_as_many_directions_as_the_ib_run(tiny, tmp_path, rule):
+def test_filter_baseline_keeps_as_many_directions_as_the_ib_run(tiny, tmp_path, rule, monkeypatch):
     ib = run(tiny, tmp_path / "ib", "--method", "ib", "--rank", "4", "--beta", "1", "--control-lr", "1")
     assert sum(ib["open_directions"].values()) < 4 * 6  # this β closes some directions
+    original, seen = StructLoRA.mask_directions, []
+
+    def spy(slora, keep, rule_used, generator=None):  # the factor norms when the mask is fixed, by hand
+        norms = {n: (l.lora_B.norm(dim=0) * l.lora_A.norm(dim=1)).detach().clone() for n, l in slora.lora_layers.items()}
+        original(slora, keep, rule_used, generator)
+        seen.append((rule_used, norms, {n: l.mask.clone() for n, l in slora.lora_layers.items()}))
+    monkeypatch.setattr(StructLoRA, "mask_directions", spy)
     m = run(tiny, tmp_path / "masked", "--method", "lora", "--rank", "4", "--mask", rule,
             "--keep-from", str(tmp_path / "ib" / "run"))
     assert m["open_directions"] == ib["open_directions"] and m["merged_accuracy"] == m["accuracy"]
+    # the tiny IB run closes every direction (k = 0): a keep of 1–3 per layer shows which ones are kept
+    keep = {n: 1 + i % 3 for i, n in enumerate(ib["open_directions"])}
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "metrics.json").write_text(json.dumps({"args": {"rank": 4}, "open_directions": keep}))
+    m = run(tiny, tmp_path / "masked_k", "--method", "lora", "--rank", "4", "--mask", rule, "--keep-from", str(tmp_path / "keep"))
+    monkeypatch.undo()
+    assert m["open_directions"] == keep
+    (rule_used, norms, masks) = seen[-1]
+    assert rule_used == rule
+    kept = {n: set(mask.nonzero().flatten().tolist()) for n, mask in masks.items()}
+    top = {n: set(norms[n].topk(keep[n]).indices.tolist()) for n in keep}
+    if rule == "norm":  # the kept directions are the k largest ‖b_j‖·‖a_j‖ when the mask is fixed
+        assert kept == top
+    else:
+        assert kept != top  # a random pick is not the top-norm one (for this seed)
     with pytest.raises(SystemExit, match="--keep-from"):
         run(tiny, tmp_path, "--method", "lora", "--rank", "4", "--mask", rule)
     with pytest.raises(SystemExit, match="rank-4 run"):

@@ -242,3 +242,65 @@ def test_bf16_autocast_training_survives_armed_sketches():
     train_steps(ref, 3)
     for key, g in slora.graphs.items():
         assert torch.cosine_similarity(g.sketch_ema.flatten(), ref.graphs[key].sketch_ema.flatten(), 0) > 0.99
+
+
+def test_export_peft_in_the_middle_of_training_keeps_training_exactly(tmp_path):
+    # A per-epoch export must not switch the run to eval gates and no dropout
+    slora, ref = make(dropout=0.1).train(), make(dropout=0.1).train()
+    slora.model.blocks[2].eval()  # a part the user keeps in eval mode stays so
+    ref.model.blocks[2].eval()
+    modes = {n: m.training for n, m in slora.named_modules()}
+    slora.export_peft(tmp_path / "peft")
+    assert {n: m.training for n, m in slora.named_modules()} == modes
+    train(slora, 3, 0)
+    train(ref, 3, 0)  # the same steps without the export
+    for (n, p), q in zip(slora.named_parameters(), ref.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_a_failed_from_pretrained_leaves_the_model_as_it_was(tmp_path):
+    from safetensors.torch import load_file, save_file
+    slora = make(modules_to_save=("head",))
+    slora.save_adapter(tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    tensors.pop("blocks.0.q_proj.lora_A")  # a mismatched (or half-copied) adapter folder
+    save_file(tensors, weights)
+    model = ToyModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="missing"):
+        StructLoRA.from_pretrained(model, tmp_path / "a")
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    slora.save_adapter(tmp_path / "b")
+    StructLoRA.from_pretrained(model, tmp_path / "b")  # a retry on the same model works
+
+
+@pytest.mark.parametrize("split", [3, 4])  # after a rebuild / while the sketches are armed
+def test_resume_through_the_wrappers_state_dict_is_exact(tmp_path, split):
+    # What Lightning, accelerate and HF Trainer checkpoint: the module's state_dict, not save_adapter
+    cfg = dict(semantic_every=2, semantic_threshold=-1.0, kl_warmup_steps=4)
+    full = make(**cfg).train()
+    train(full, 7, 0)
+    half = make(**cfg).train()
+    train(half, split, 0)
+    torch.save(half.state_dict(), tmp_path / "sd.pt")
+    resumed = make(**cfg).train()
+    resumed.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    assert resumed.steps == split
+    train(resumed, 7 - split, split)
+    a, meta = full.adapter_state()
+    b, meta_b = resumed.adapter_state()
+    assert meta == meta_b and any(k.endswith("sketch_ema") for k in a)
+    assert all(rel_err(b[k], a[k]) < 1e-12 or torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_prior_at_or_above_prune_below_is_refused():
+    # π0 < prune_below: a direction the task does not hold open must drift below the cut
+    for prior in (0.5, 0.7):
+        with pytest.raises(ValueError, match="prior"):
+            StructLoRAConfig(prior=prior, prune_below=0.5)
+    StructLoRAConfig(prior=0.7, prune_below=0.5, ib=False)  # without the gate, π0 is unused
+    StructLoRAConfig(prior=0.49, prune_below=0.5)

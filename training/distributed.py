@@ -11,6 +11,7 @@ Under --fsdp the trained parameters (adapters, gates, coordinators, modules_to_s
 left out of FSDP (`ignored_params`) and stay whole on every rank, so a coordinator can read every
 layer's factors inside any layer's forward; `sync_gradients` averages their gradients.
 """
+import argparse
 import os
 
 import torch
@@ -20,7 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import record  # noqa: F40
 CHECKPOINT = "checkpoint.pt"
 # Arguments that say where and how a run executes, not what it trains: they may change on --resume
 FREE_ON_RESUME = {"out", "resume", "save_every", "device", "fsdp", "grad_checkpointing", "generations", "export_peft",
-                  "eval_samples", "test_samples", "merged_eval_samples", "save_merged"}
+                  "eval_samples", "test_samples", "merged_eval_samples", "save_merged", "given"}
 
 
 def add_args(p):
@@ -31,10 +32,35 @@ def add_args(p):
                    help="continue the run whose checkpoint.pt is in RUN_DIR (and write there)")
 
 
+def given_flags(parser, argv=None):
+    """The destinations of the options actually written on the command line (not left at their
+    default): on --resume only these are compared with the run's, the others are taken from it."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    for a in parser._actions:
+        a.default = argparse.SUPPRESS  # an option not given then leaves no attribute at all
+    try:
+        given = parser.parse_args(argv)
+    finally:
+        for a in parser._actions:
+            a.default = defaults[a.dest]
+    return sorted(vars(given))
+
+
+def check_run_args(args):
+    """Flags every script shares, refused with their name before anything is loaded."""
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be 1 or more")
+    if args.epochs < 0:
+        raise ValueError(f"--epochs {args.epochs}: must be 0 or more")
+    if args.save_every < 0:
+        raise ValueError(f"--save-every {args.save_every}: must be 0 (a checkpoint at the end only) or more")
+
+
 def setup(args):
     """Joins torchrun's process group when launched by it (gloo on CPU; nccl on CUDA, on the device of
     LOCAL_RANK) and returns this rank's device (--device, or cuda:LOCAL_RANK). Checks, before anything is
-    loaded, that the ranks can split --batch-size evenly."""
+    loaded, the shared flags and that the ranks can split --batch-size evenly."""
+    check_run_args(args)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not a multiple of the {world} processes: each "
@@ -192,7 +218,8 @@ def save_checkpoint(args, step, adapter, opt, sched, **extra):
 def load_checkpoint(args):
     """(checkpoint, run folder): the checkpoint of --resume RUN_DIR after checking that this run trains the
     same thing, and RUN_DIR, where the run continues; (None, --out) without --resume. Call it before
-    loading the model: it fails fast."""
+    loading the model: it fails fast. Flags not typed on this command line take the run's own values (in
+    `args`): `--resume RUN_DIR` alone continues the same run."""
     if not args.resume:
         return None, args.out
     path = os.path.join(args.resume, CHECKPOINT)
@@ -200,11 +227,23 @@ def load_checkpoint(args):
         raise FileNotFoundError(f"--resume {args.resume}: no {CHECKPOINT} there")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ours, saved = vars(args), ckpt["args"]
+    given = set(ours.get("given", ours))  # without a record of the given flags (args built in code): all
+    compared = [k for k in sorted(set(saved) | set(ours)) if k not in FREE_ON_RESUME and k in given]
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {ours.get(k)!r})"
-            for k in sorted(set(saved) | set(ours)) if k not in FREE_ON_RESUME and saved.get(k) != ours.get(k)]
+            for k in compared if not same_value(saved.get(k), ours.get(k))]
     if diff:
         raise ValueError(f"cannot resume {args.resume}: it was trained with " + ", ".join(diff))
+    for k in (set(saved) & set(ours)) - FREE_ON_RESUME - given:
+        setattr(args, k, saved[k])  # not given now (e.g. --bf16, resolved from --device): the run's own
     return ckpt, args.resume
+
+
+def same_value(a, b):
+    """Equal, or two paths to the same existing file or folder (runs/x and ./runs/x)."""
+    if a == b:
+        return True
+    paths = isinstance(a, str) and isinstance(b, str) and os.path.exists(a) and os.path.exists(b)
+    return paths and os.path.samefile(a, b)
 
 
 def restore(ckpt, adapter, opt, sched, device):
