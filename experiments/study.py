@@ -650,6 +650,17 @@ def fraction_lr_table(rows):
                           "1000 held-out training images)")
 
 
+def ib_search_table(rows):
+    lines = [[f"{r['percent']}%", r["variant"], f"{100 * r['accuracy']:.2f}",
+              f"{r['open_directions']} / {r['directions']}" if r["directions"] else "–",
+              f"{r['train_seconds'] / 60:.1f}", r["seed"]]
+             for r in sorted(rows, key=lambda r: (r["percent"], list(IB_SEARCH).index(r["variant"]), r["seed"]))]
+    return ("### The IB gate's settings, held-out (β·KL/N, KL held off for 10% of the steps; r = 8, one epoch, "
+            "1000 held-out training images)\n\n" +
+            table(["training images", "variant", "held-out accuracy %", "open directions", "train min", "seed"],
+                  lines)), []
+
+
 def peers_table(rows):
     out, tests = [], []
     for size in sorted({r["size"] for r in rows}, reverse=True):
@@ -866,7 +877,8 @@ def report_v2():
     whatever v2 runs are saved."""
     blocks, tests, seconds = {}, [], 0.0
     for name, make in (("v2_lr", lr_table), ("v2_peers", peers_table), ("v2_table6", table6_table),
-                       ("v2_fraction_lr", fraction_lr_table), ("v2_fractions", fractions_table),
+                       ("v2_fraction_lr", fraction_lr_table), ("v2_ib_search", ib_search_table),
+                       ("v2_fractions", fractions_table),
                        ("v2_groundtruth", groundtruth_table)):
         rows = load_rows(name)
         if not rows:

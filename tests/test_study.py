@@ -217,3 +217,18 @@ def test_fractions_runs_the_variants_with_their_flags(tmp_path, monkeypatch):
     assert "--train-fraction=0.25" in a and "--epochs=1" in a and "--lr=2e-3" in a and "--seed=1" in a
     rows = study.load_rows("v2_fractions")
     assert [(r["method"], r["seed"], r["percent"]) for r in rows] == [("ib beta=0", 1, 25), ("graph", 1, 25)]
+
+
+def test_ib_search_runs_on_held_out_images_with_one_flag_changed(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(study, "fraction_lr", lambda: "2e-3")
+    calls = []
+    monkeypatch.setattr(study, "run", lambda script, out, flags, reduce: calls.append((out, flags)) or
+                        {"accuracy": 0.5, "open_directions": 190, "directions": 192, "train_seconds": 60.0})
+    study.ib_search(seeds=(0,), percents=(10,), variants=("structlora", "structlora beta=10", "lora"))
+    (_, a), (out_b, b), (_, c) = calls
+    assert all("--holdout-per-class=100" in f and "--train-fraction=0.1" in f for f in (a, b, c))  # never the test split
+    assert not any(f.startswith("--beta") for f in a) and "--beta=10" in b and out_b.endswith("p10_structlora_beta10_seed0")
+    assert c[c.index("--method=structlora") + 1:].count("--method=lora") == 1  # the last --method wins
+    block, _ = study.ib_search_table(study.load_rows("v2_ib_search"))
+    assert "| 10% | structlora beta=10 | 50.00 | 190 / 192 | 1.0 | 0 |" in block
