@@ -588,7 +588,7 @@ class StructLoRA(nn.Module):
         """§4: (β/N)·Σ_modules Σ_j KL(Bern(σ(φ_j)) ‖ Bern(π0)), from step kl_warmup_steps on. [OURS] The
         task loss is a mean over examples, so the data-set-level KL of the ELBO enters each step as KL/N:
         the prior then weighs less the more data there is (ib_weighting="step" drops the 1/N). In budget
-        mode, + λ·Σ_j (σ(φ_j) − budget): λ rises while more than `budget` of the gates are open (step())."""
+        mode, + budget_loss(): the Lagrangian terms that hold round(budget·n) of the n gates open."""
         self._live()
         layers = list(self.lora_layers.values())
         if not self.cfg.ib:
@@ -607,8 +607,8 @@ class StructLoRA(nn.Module):
 
     def budget_loss(self, phi):
         """[OURS] budget mode: k of the n gates open at eval (σ(φ) ≥ p, p = prune_below) means, with φ
-        sorted high to low, φ_(k) ≥ logit p > φ_(k+1). Held with a margin δ = BUDGET_MARGIN either side by two
-        Lagrange multipliers, λ ≥ 0, raised by step() while their constraint is violated:
+        sorted high to low, φ_(k) ≥ logit p > φ_(k+1). Held with a margin δ = BUDGET_MARGIN either side by
+        two Lagrange multipliers, λ ≥ 0, raised by step() while their constraint is violated:
             λ_close · Σ_{i>k} [φ_(i) − (logit p − δ)]₊  +  λ_open · Σ_{i≤k} [(logit p + δ) − φ_(i)]₊
         Only gates on the wrong side of their rank are pushed, so the task (and the KL) choose which
         directions stay open and the budget only how many. A multiplier on the mean of σ(φ) pushes every
@@ -619,8 +619,10 @@ class StructLoRA(nn.Module):
             return phi.new_zeros(())
         ranked, k = self._budget_ranks(phi)
         t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
-        lam = self.budget_lambda.to(phi.dtype)
-        return lam[0] * F.relu(ranked[k:] - (t - BUDGET_MARGIN)).sum() + lam[1] * F.relu((t + BUDGET_MARGIN) - ranked[:k]).sum()
+        lam_close, lam_open = self.budget_lambda.to(phi.dtype)
+        too_open = F.relu(ranked[k:] - (t - BUDGET_MARGIN)).sum()  # gates ranked below k that are not closed
+        too_closed = F.relu((t + BUDGET_MARGIN) - ranked[:k]).sum()  # gates ranked k or above that are not open
+        return lam_close * too_open + lam_open * too_closed
 
     def _kl_warmup(self):
         W = self.cfg.kl_warmup_steps
@@ -644,8 +646,8 @@ class StructLoRA(nn.Module):
         return sum(neighbour_penalty(layers, depth, self.cfg.reg) for layers, depth in self.groups.values())
 
     def step(self):
-        """Call once per optimizer step (on every rank): advances the KL warm-up and, every K steps,
-        the semantic edges."""
+        """Call once per optimizer step (on every rank): advances the KL warm-up, the budget's multipliers
+        and, every K steps, the semantic edges."""
         self._live()
         self.steps += 1
         if self.cfg.budget > 0 and self.steps > self.cfg.kl_warmup_steps:
@@ -666,7 +668,8 @@ class StructLoRA(nn.Module):
         t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
         strongest_closed = ranked[k] if k < len(ranked) else ranked.new_tensor(-math.inf)
         weakest_open = ranked[k - 1] if k > 0 else ranked.new_tensor(math.inf)
-        c = torch.stack([strongest_closed - (t - BUDGET_MARGIN), (t + BUDGET_MARGIN) - weakest_open]).clamp(min=-1e3)
+        c = torch.stack([strongest_closed - (t - BUDGET_MARGIN), (t + BUDGET_MARGIN) - weakest_open])
+        c = c.clamp(min=-1e3)  # ±inf when k is 0 or n: that side has no constraint, its λ stays 0
         self.budget_lambda.copy_((self.budget_lambda + self.cfg.budget_lr * c.to(self.budget_lambda)).clamp(min=0))
 
     def _arm_if_due(self):
@@ -750,8 +753,8 @@ class StructLoRA(nn.Module):
 
     def adapter_state(self):
         """(tensors, meta): everything training changed and needs to continue exactly — LoRA factors,
-        masks, gate logits, coordinator parameters, edges, the sketch EMA, the step count — and the
-        modules_to_save."""
+        masks, gate logits, the budget's multipliers, coordinator parameters, edges, the sketch EMA, the
+        step count — and the modules_to_save."""
         self._live()
         sd = {}
         for name, layer in self.lora_layers.items():
