@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+BUDGET_MARGIN = 0.5  # budget mode: gates held this far (in logit) on their side of logit(prune_below)
 
 
 @dataclass
@@ -52,7 +53,7 @@ class StructLoRAConfig:
     num_train_examples: int = 0       # N, the training-set size: needed by ib_weighting="example"
     prior: float = 0.2                # π0 < prune_below, so a direction the task does not hold open closes
     budget: float = 0.0               # 0: off; else the share of directions kept open, held by a Lagrange multiplier
-    budget_lr: float = 1e-2           # dual-ascent rate of that multiplier λ
+    budget_lr: float = 0.1            # dual-ascent rate of its multipliers λ (per step, per nat of violation)
     tau: float = 0.5                  # temperature of the relaxed-Bernoulli sample
     gate_init: float = 0.9            # σ(φ) at step 0: gates start open (must be ≥ prune_below)
     prune_below: float = 0.5          # at eval and merge, directions with σ(φ) below this are cut to 0
@@ -564,7 +565,8 @@ class StructLoRA(nn.Module):
             for key, (layers, depth) in self.groups.items():
                 graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make, process_group)
         self.cfg, self.model, self.graphs, self.steps, self.merged = cfg, model, graphs, 0, False
-        self.register_buffer("budget_lambda", torch.zeros((), device=next(iter(lora_layers.values())).lora_A.device))
+        device = next(iter(lora_layers.values())).lora_A.device
+        self.register_buffer("budget_lambda", torch.zeros(2, device=device))  # (λ_close, λ_open), see budget_loss
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         for name in cfg.modules_to_save:
@@ -603,7 +605,7 @@ class StructLoRA(nn.Module):
         """§4: (β/N)·Σ_modules Σ_j KL(Bern(σ(φ_j)) ‖ Bern(π0)), from step kl_warmup_steps on. [OURS] The
         task loss is a mean over examples, so the data-set-level KL of the ELBO enters each step as KL/N:
         the prior then weighs less the more data there is (ib_weighting="step" drops the 1/N). In budget
-        mode, + λ·Σ_j (σ(φ_j) − budget): λ rises while more than `budget` of the gates are open (step())."""
+        mode, + budget_loss(): the Lagrangian terms that hold round(budget·n) of the n gates open."""
         self._live()
         layers = list(self.lora_layers.values())
         if not self.cfg.ib:
@@ -611,9 +613,33 @@ class StructLoRA(nn.Module):
         phi = torch.stack([l.gate_logits for l in layers])
         kl = bernoulli_kl(phi, self.cfg.prior).sum()
         loss = self.cfg.beta * self._kl_warmup() * kl / self._examples_per_kl()
-        if self.cfg.budget > 0:  # the Lagrangian term of "E[open share] = budget" (L0-style structured pruning)
-            loss = loss + self.budget_lambda.to(phi.dtype) * (torch.sigmoid(phi) - self.cfg.budget).sum()
+        if self.cfg.budget > 0:
+            loss = loss + self.budget_loss(phi)
         return loss
+
+    def _budget_ranks(self, phi):
+        """φ of every gate sorted high to low, and k = round(budget·n): the number to keep open."""
+        ranked = phi.flatten().sort(descending=True).values
+        return ranked, round(self.cfg.budget * ranked.numel())
+
+    def budget_loss(self, phi):
+        """[OURS] budget mode: k of the n gates open at eval (σ(φ) ≥ p, p = prune_below) means, with φ
+        sorted high to low, φ_(k) ≥ logit p > φ_(k+1). Held with a margin δ = BUDGET_MARGIN either side by
+        two Lagrange multipliers, λ ≥ 0, raised by step() while their constraint is violated:
+            λ_close · Σ_{i>k} [φ_(i) − (logit p − δ)]₊  +  λ_open · Σ_{i≤k} [(logit p + δ) − φ_(i)]₊
+        Only gates on the wrong side of their rank are pushed, so the task (and the KL) choose which
+        directions stay open and the budget only how many. A multiplier on the mean of σ(φ) pushes every
+        gate alike, and Adam moves each φ by about the lr whatever the gradient's size: the gates fall
+        together and cross p together (measured: 0 of 12 open at budget 0.5, λ oscillating). Off until
+        the KL warm-up ends: while B ≈ 0 the ranking carries no task signal."""
+        if self.steps < self.cfg.kl_warmup_steps:
+            return phi.new_zeros(())
+        ranked, k = self._budget_ranks(phi)
+        t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
+        lam_close, lam_open = self.budget_lambda.to(phi.dtype)
+        too_open = F.relu(ranked[k:] - (t - BUDGET_MARGIN)).sum()  # gates ranked below k that are not closed
+        too_closed = F.relu((t + BUDGET_MARGIN) - ranked[:k]).sum()  # gates ranked k or above that are not open
+        return lam_close * too_open + lam_open * too_closed
 
     def _kl_warmup(self):
         W = self.cfg.kl_warmup_steps
@@ -637,19 +663,31 @@ class StructLoRA(nn.Module):
         return sum(neighbour_penalty(layers, depth, self.cfg.reg) for layers, depth in self.groups.values())
 
     def step(self):
-        """Call once per optimizer step (on every rank): advances the KL warm-up and, every K steps,
-        the semantic edges."""
+        """Call once per optimizer step (on every rank): advances the KL warm-up, the budget's multipliers
+        and, every K steps, the semantic edges."""
         self._live()
         self.steps += 1
-        if self.cfg.budget > 0:  # dual ascent on λ: E[open share] = mean σ(φ), the same on every rank
-            with torch.no_grad():
-                share = torch.cat([torch.sigmoid(l.gate_logits) for l in self.lora_layers.values()]).mean()
-                self.budget_lambda += self.cfg.budget_lr * (share.to(self.budget_lambda) - self.cfg.budget)
+        if self.cfg.budget > 0 and self.steps > self.cfg.kl_warmup_steps:
+            self._budget_ascent()
         armed = any(l.sketch_P is not None for l in self.lora_layers.values())
         for graph in self.graphs.values():
             if armed:
                 graph.rebuild_semantic_edges()
         self._arm_if_due()
+
+    @torch.no_grad()
+    def _budget_ascent(self):
+        """Projected dual ascent, λ ← max(0, λ + budget_lr·c), c the worst violation on each side: the
+        strongest gate that must close, the weakest that must stay open (see budget_loss). From φ alone,
+        which every DDP rank holds the same, so λ is the same on every rank."""
+        phi = torch.cat([l.gate_logits for l in self.lora_layers.values()]).float()
+        ranked, k = self._budget_ranks(phi)
+        t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
+        strongest_closed = ranked[k] if k < len(ranked) else ranked.new_tensor(-math.inf)
+        weakest_open = ranked[k - 1] if k > 0 else ranked.new_tensor(math.inf)
+        c = torch.stack([strongest_closed - (t - BUDGET_MARGIN), (t + BUDGET_MARGIN) - weakest_open])
+        c = c.clamp(min=-1e3)  # ±inf when k is 0 or n: that side has no constraint, its λ stays 0
+        self.budget_lambda.copy_((self.budget_lambda + self.cfg.budget_lr * c.to(self.budget_lambda)).clamp(min=0))
 
     def _arm_if_due(self):
         K = self.cfg.semantic_every
@@ -710,8 +748,8 @@ class StructLoRA(nn.Module):
 
     def adapter_state(self):
         """(tensors, meta): everything training changed and needs to continue exactly — LoRA factors,
-        masks, gate logits, coordinator parameters, edges, the sketch EMA, the step count — and the
-        modules_to_save."""
+        masks, gate logits, the budget's multipliers, coordinator parameters, edges, the sketch EMA, the
+        step count — and the modules_to_save."""
         self._live()
         sd = {}
         for name, layer in self.lora_layers.items():

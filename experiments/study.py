@@ -10,6 +10,8 @@ study v2: what adapters add over the head, peers, more data, Table 6, a ground-t
     python -m experiments.study table6   # v2: smooth/gcn × T = 1..3, chain/semantic edges, lora+cos, lora+laplacian (r = 8, 50/class)
     python -m experiments.study fractions --percents 10 25 100  # v2: one epoch over 10/25/100% of the training set
                                                     # (--methods graph ib "ib beta=0": which part costs accuracy)
+    python -m experiments.study budgets  # v2: at 25/50/75% of the r = 8 directions kept (10% of the training set): the
+                                         # IB gate (--budget) vs top-k-norm and random masks vs AdaLoRA at that rank
     python -m experiments.study groundtruth  # v2: planted ΔW* (smooth / independent / noisy) on a random 12-block network
     python -m experiments.study report   # tables with paired t-tests → experiments/results/study/tables.md, tables_v2.md; figures → *.png
     python -m experiments.study all
@@ -215,6 +217,17 @@ IB_SEARCH = {"structlora": [], "structlora beta=0.1": ["--beta=0.1"], "structlor
              "structlora prior=0.4": ["--prior=0.4"], "structlora control-lr=1e-2": ["--control-lr=1e-2"],
              "lora": ["--method=lora"]}
 IB_SEARCH_PERCENTS = (10, 25)
+# The paper's filter ablation at matched budgets: StructLoRA holding a share of its directions open (--budget), the
+# same coordinator with a top-k-norm or random mask of as many directions per layer as that run kept (--keep-from),
+# and AdaLoRA pruned from the same r to the same share; one epoch over 10% of the training set at the fractions' lr
+BUDGETS = (25, 50, 75)   # % of the r = 8 directions of every adapted layer kept
+BUDGET_PERCENT = 10
+BUDGET_METHODS = {
+    "structlora": ["--method=structlora", "--budget={budget}"],
+    "norm mask": ["--method=graph", "--mask=norm", "--keep-from={gate_run}"],
+    "random mask": ["--method=graph", "--mask=random", "--keep-from={gate_run}"],
+    "adalora": ["--method=adalora", "--budget={budget}"],
+}
 GT_N, GT_FLAGS = (256, 64), ["--steps=500", "--lr=2e-2", "--rank=4"]
 GT_METHODS = {"lora": ["--method=lora"], "ib": ["--method=ib"], "graph": ["--method=graph"],
               "structlora": ["--method=structlora"], "structlora gcn": ["--method=structlora", "--coordinator=gcn"],
@@ -349,6 +362,24 @@ def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
                                                    f"--lr={lr}", f"--seed={seed}"]
                 record("v2_fractions", {"percent": percent, "method": method, "seed": seed,
                                         **run(train_vit, out, flags, summarize_v2)}, ("percent", "method", "seed"))
+
+
+def budgets(seeds=(0,), shares=BUDGETS):
+    """Accuracy and the budget actually reached (open directions / all) at each share of directions kept. The
+    masks keep, per layer, what the StructLoRA run of the same share and seed kept: it runs first."""
+    lr = fraction_lr()
+    for share in shares:
+        for seed in seeds:
+            gate_run = budget_run(share, "structlora", lr, seed)
+            for method, template in BUDGET_METHODS.items():
+                flags = [f.format(budget=share / 100, gate_run=gate_run) for f in template]
+                flags = fraction_flags(BUDGET_PERCENT) + [*VIT_EVAL, *flags, f"--lr={lr}", f"--seed={seed}"]
+                m = run(train_vit, budget_run(share, method, lr, seed), flags, summarize_v2)
+                record("v2_budgets", {"budget": share, "method": method, "seed": seed, **m}, ("budget", "method", "seed"))
+
+
+def budget_run(share, method, lr, seed):
+    return f"{V2}/budgets/b{share}_r8_{slug(method)}_lr{lr}_seed{seed}"
 
 
 def ground_truth(seeds=SEEDS, sizes=GT_N):
@@ -724,6 +755,24 @@ def fractions_table(rows):
                    "open directions", "η", "train min / run", "seeds"], lines)), tests
 
 
+def budgets_table(rows):
+    lines, tests = [], []
+    for share in sorted({r["budget"] for r in rows}):
+        for m in BUDGET_METHODS:
+            runs = [r for r in rows if (r["budget"], r["method"]) == (share, m)]
+            if not runs:
+                continue
+            cells, p = versus(rows, {"method": "structlora"}, budget=share, method=m)
+            tests += [(f"{m} at a {share}% budget", p)] if p is not None else []
+            reached = [r["open_directions"] / r["directions"] for r in runs]
+            lines.append([f"{share}%", m, *cells, f"{statistics.mean(r['open_directions'] for r in runs):.0f} / "
+                          f"{runs[0]['directions']} ({100 * statistics.mean(reached):.1f}%)", seeds_of(runs)])
+    return ("### The gate at matched budgets: r = 8, one epoch over 10% of the training images, a share of the "
+            "directions kept (test accuracy %, 3000 test images)\n\n" +
+            table(["budget", "method", "accuracy", "Δ vs StructLoRA", "p vs StructLoRA", "open directions (reached)",
+                   "seeds"], lines)), tests
+
+
 def gt_cell(runs, key, digits):
     values = [r[key] for r in runs]
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -878,7 +927,7 @@ def report_v2():
     blocks, tests, seconds = {}, [], 0.0
     for name, make in (("v2_lr", lr_table), ("v2_peers", peers_table), ("v2_table6", table6_table),
                        ("v2_fraction_lr", fraction_lr_table), ("v2_ib_search", ib_search_table),
-                       ("v2_fractions", fractions_table),
+                       ("v2_fractions", fractions_table), ("v2_budgets", budgets_table),
                        ("v2_groundtruth", groundtruth_table)):
         rows = load_rows(name)
         if not rows:
@@ -913,8 +962,10 @@ def reports():
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr",
-                                    "ib-search", "fractions", "groundtruth", "report", "all"])
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the training runs (default 0 1 2; lr, fraction-lr: 0)")
+                                    "ib-search", "fractions", "budgets", "groundtruth", "report", "all"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="seeds of the training runs (default 0 1 2; lr, fraction-lr, ib-search, budgets: 0)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, help="budgets: %% of the directions kept (default 25 50 75)")
     p.add_argument("--sizes", type=int, nargs="+", default=[50, 10], help="peers: images per class")
     p.add_argument("--percents", type=int, nargs="+", default=None,
                    help="fractions (default 10 25 100), ib-search (default 10 25): %% of the training set")
@@ -926,14 +977,15 @@ if __name__ == "__main__":
     STOP_AT = args.stop_at
     if args.threads:
         torch.set_num_threads(args.threads)
-    seeds = tuple(args.seeds or ((0,) if args.part in ("lr", "fraction-lr", "ib-search") else SEEDS))
+    seeds = tuple(args.seeds or ((0,) if args.part in ("lr", "fraction-lr", "ib-search", "budgets") else SEEDS))
     parts = {"vit": lambda: vit_grid(seeds), "filter": lambda: vit_filter(seeds), "investigate": lambda: investigate(seeds),
              "llama": lambda: llama(seeds), "lr": lambda: lr_search(seeds),
              "peers": lambda: peers(seeds, args.sizes, args.methods or PEER_METHODS),
              "table6": lambda: table6(seeds), "fraction-lr": lambda: fraction_lr_search(seeds),
              "ib-search": lambda: ib_search(seeds, args.percents or IB_SEARCH_PERCENTS, args.methods),
              "fractions": lambda: fractions(seeds, args.percents or PERCENTS, args.methods),
+             "budgets": lambda: budgets(seeds, args.budgets or BUDGETS),
              "groundtruth": lambda: ground_truth(seeds, args.samples), "report": reports}
     for part in (["vit", "filter", "investigate", "llama", "lr", "peers", "table6", "fraction-lr", "ib-search", "fractions",
-                  "groundtruth", "report"] if args.part == "all" else [args.part]):
+                  "budgets", "groundtruth", "report"] if args.part == "all" else [args.part]):
         parts[part]()

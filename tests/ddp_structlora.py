@@ -1,5 +1,6 @@
 """Run by test_distributed.py under torchrun: DDP(StructLoRA(toy model)) with default arguments, trained
-on different data on every rank, semantic edges rebuilt every 2 steps, one direction pruned; then a second
+on different data on every rank, semantic edges rebuilt every 2 steps, one direction pruned, half the
+directions held open by the budget's multipliers; then a second
 model that each rank trains alone (its own process group). Rank 0 writes what every rank ended with to
 the JSON file argv[1]. The test imports build/batches/train for the one-process reference."""
 import json
@@ -17,7 +18,7 @@ from toy import ToyModel
 def build(process_group=None):
     torch.manual_seed(0)
     slora = StructLoRA(ToyModel(d=16, n_layers=5), StructLoRAConfig(
-        r=4, modules_to_save=("head",), num_train_examples=64, semantic_every=2,
+        r=4, modules_to_save=("head",), num_train_examples=64, budget=0.5, semantic_every=2,
         semantic_threshold=-1.0),  # -1: every top-k pair is an edge
         process_group=process_group)
     with torch.no_grad():
@@ -45,7 +46,8 @@ def state(slora):
     with torch.no_grad():
         out = slora(torch.randn(3, 6, 16, generator=torch.Generator().manual_seed(7)))
     return {"adj": {k: g.adj.tolist() for k, g in slora.graphs.items()}, "out": out.tolist(),
-            "open": slora.open_directions(), "ema": {k: g.sketch_ema.tolist() for k, g in slora.graphs.items()}}
+            "open": slora.open_directions(), "ema": {k: g.sketch_ema.tolist() for k, g in slora.graphs.items()},
+            "budget_lambda": slora.budget_lambda.tolist()}
 
 
 if __name__ == "__main__":

@@ -38,6 +38,18 @@ def test_adalora_prunes_to_the_lora_budget(tiny, tmp_path):
     assert sum(m["open_directions"].values()) == 2 * 6  # target_r·layers: LoRA's r = 2 budget, from init_r = 3
 
 
+def test_adalora_at_a_budget_prunes_from_r_to_that_share(tiny, tmp_path):
+    # study `budgets`: AdaLoRA starts where StructLoRA does (r = 4) and keeps round(0.5·4) = 2 per layer on average
+    m = run(tiny, tmp_path, "--method", "adalora", "--rank", "4", "--budget", "0.5", "--epochs", "8")
+    assert sum(m["open_directions"].values()) == 2 * 6
+
+
+def test_budget_is_refused_where_every_direction_stays():
+    for method in ("head", "peft-lora", "dora"):
+        with pytest.raises(ValueError, match="budget"):
+            Baseline(ToyModel(), method, 4, 8, ["q_proj", "v_proj"], ["head"], total_steps=20, budget=0.5)
+
+
 def test_adalora_aux_loss_is_peft_orthogonality_penalty():
     """peft adds the penalty in its forward when the output carries a .loss; ours, whose logits do not,
     must get the same number from aux_loss()."""

@@ -47,22 +47,26 @@ def assert_same(a, b, tol=1e-5):
         assert (a[k] - b[k]).norm() <= tol * b[k].norm(), k
 
 
-@pytest.mark.parametrize("method", ["lora", "structlora", "head", "dora"])  # head, dora: baselines.py
+@pytest.mark.parametrize("method", ["lora", "structlora", "head", "dora",  # head, dora: baselines.py
+                                    "structlora --budget=0.5"])  # the budget's multipliers are training state
 def test_killed_between_checkpoints_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch, method):
+    method, *extra = method.split()
     if method == "dora":
         pytest.importorskip("peft")
-    run(tiny, tmp_path / "whole", "--method", method)
+    run(tiny, tmp_path / "whole", "--method", method, *extra)
     with monkeypatch.context() as m:
         # dies in step 7 of 10: the last checkpoint is step 6's
         kill_at(m, Baseline if method in BASELINES else StructLoRA, "step", 7)
         with pytest.raises(Killed):
-            run(tiny, tmp_path / "killed", "--method", method)
+            run(tiny, tmp_path / "killed", "--method", method, *extra)
     assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"] == 6
-    m = run(tiny, tmp_path / "other_out", "--method", method, "--resume", str(tmp_path / "killed"))
+    m = run(tiny, tmp_path / "other_out", "--method", method, *extra, "--resume", str(tmp_path / "killed"))
     assert m["args"]["out"] == str(tmp_path / "killed") and not (tmp_path / "other_out").exists()
     assert_same(final_adapter(tmp_path / "killed"), final_adapter(tmp_path / "whole"))
     if method == "structlora":  # the state that makes resume exact exists and was restored
         assert any("sketch_ema" in k for k in final_adapter(tmp_path / "whole"))
+    if extra:
+        assert final_adapter(tmp_path / "whole")["budget_lambda"].sum() > 0
 
 
 def test_killed_while_saving_keeps_the_last_good_checkpoint(tiny, tmp_path, monkeypatch):

@@ -50,6 +50,7 @@ def test_ddp_structlora_builds_one_graph_on_every_rank(tmp_path):
     assert semantic, "no semantic edge was built: the test would not see diverging graphs"
     assert torch.equal(torch.tensor(r0["out"]), torch.tensor(r1["out"]))
     assert r0["open"] == r1["open"] and min(r0["open"].values()) < 4  # the pruned direction is closed
+    assert r0["budget_lambda"] == r1["budget_lambda"] and sum(r0["budget_lambda"]) > 0  # from φ, not from a batch
     # The sketches averaged over ranks are the one-process sketches of the global batch (a sum would
     # double the EMA and leave the edges as they are); each rank's loss is a mean over equal halves
     from ddp_structlora import batches, build, state, train

@@ -25,9 +25,9 @@ def planted_task(n, seed=0):
     return student, x, y
 
 
-def train_open_directions(n, epochs=3, batch=16, **cfg):
-    """Trains the IB gate alone (r = 4 per layer) over `epochs` passes of n examples at the scripts' defaults
-    (KL warm-up 10% of the steps, lr decaying to 0, the control lr for φ); the directions left open."""
+def setup(n, epochs=3, batch=16, **cfg):
+    """The IB gate alone (r = 4 per layer) on planted_task(n), at the scripts' defaults (KL warm-up 10% of the
+    steps, lr decaying to 0, the control lr for φ): the wrapper, its optimizer and schedule, and the batches."""
     student, x, y = planted_task(n)
     steps = epochs * n // batch
     config = StructLoRAConfig(r=4, alpha=8, target_modules=("v_proj",), graph=False, num_train_examples=n,
@@ -36,16 +36,26 @@ def train_open_directions(n, epochs=3, batch=16, **cfg):
     opt = torch.optim.AdamW(slora.param_groups(lr=1e-2, control_lr=5e-2, weight_decay=0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
     g = torch.Generator().manual_seed(1)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch):
-            idx = perm[i:i + batch]
-            loss = (slora(x[idx]) - y[idx]).square().mean() + slora.aux_loss()
-            loss.backward()
-            opt.step()
-            sched.step()
-            slora.step()
-            opt.zero_grad(set_to_none=True)
+    batches = [perm[i:i + batch] for _ in range(epochs) for perm in [torch.randperm(n, generator=g)]
+               for i in range(0, n, batch)]
+    return slora, opt, sched, (x, y), batches
+
+
+def train(slora, opt, sched, data, batches):
+    x, y = data
+    for idx in batches:
+        loss = (slora(x[idx]) - y[idx]).square().mean() + slora.aux_loss()
+        loss.backward()
+        opt.step()
+        sched.step()
+        slora.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def train_open_directions(n, epochs=3, batch=16, **cfg):
+    """Trains the gates over `epochs` passes of n examples; the directions left open (of 12)."""
+    slora, opt, sched, data, batches = setup(n, epochs, batch, **cfg)
+    train(slora, opt, sched, data, batches)
     return sum(slora.open_directions().values())
 
 
@@ -84,5 +94,44 @@ def test_per_example_weighting_needs_the_training_set_size():
     plain = StructLoRA(ToyModel(), StructLoRAConfig(r=4, ib=False, semantic_every=0))
     assert plain.aux_loss().item() == 0.0  # no gate, nothing to weigh
     for bad in (dict(num_train_examples=-1), dict(ib_weighting="epoch"), dict(kl_schedule="cosine")):
+        with pytest.raises(ValueError):
+            StructLoRAConfig(**bad)
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5, 0.75])
+def test_budget_holds_the_share_of_open_directions_at_any_run_length(budget):
+    # Every direction carries signal, so only the budget closes any. The same 3 epochs over 1 024 and 10 240
+    # examples (192 and 1 920 steps): the share open at eval (σ(φ) ≥ prune_below) is the budget's, ± 1 of 12.
+    # A multiplier on the mean of σ(φ) moved all gates together: 0 of 12 open at budget 0.5.
+    for n in (1024, 10240):
+        assert abs(train_open_directions(n, budget=budget) - 12 * budget) <= 1, n
+
+
+def test_budget_multiplier_survives_save_and_load(tmp_path):
+    # A run saved halfway and resumed into a fresh model (adapter, optimizer and schedule states, RNG) ends
+    # exactly where the uninterrupted run ends: λ is part of the adapter's training state.
+    slora, opt, sched, data, batches = setup(256, budget=0.5)
+    train(slora, opt, sched, data, batches)
+    half = len(batches) // 2
+    first, opt1, sched1, _, _ = setup(256, budget=0.5)
+    train(first, opt1, sched1, data, batches[:half])
+    assert first.budget_lambda.sum() > 0  # the multiplier has moved by then, or this would prove nothing
+    first.save_adapter(tmp_path)
+    rng = torch.get_rng_state()
+    second, opt2, sched2, _, _ = setup(256, budget=0.5)
+    second.load_adapter(tmp_path)
+    opt2.load_state_dict(opt1.state_dict())
+    sched2.load_state_dict(sched1.state_dict())
+    torch.set_rng_state(rng)
+    train(second, opt2, sched2, data, batches[half:])
+    assert torch.equal(second.budget_lambda, slora.budget_lambda)
+    for name, layer in slora.lora_layers.items():
+        assert torch.equal(second.lora_layers[name].gate_logits, layer.gate_logits), name
+
+
+def test_budget_needs_the_ib_gate():
+    with pytest.raises(ValueError, match="ib=True"):
+        StructLoRAConfig(ib=False, budget=0.5)
+    for bad in (dict(budget=-0.1), dict(budget=1.0), dict(budget=0.5, budget_lr=0)):
         with pytest.raises(ValueError):
             StructLoRAConfig(**bad)

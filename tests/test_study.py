@@ -232,3 +232,41 @@ def test_ib_search_runs_on_held_out_images_with_one_flag_changed(tmp_path, monke
     assert c[c.index("--method=structlora") + 1:].count("--method=lora") == 1  # the last --method wins
     block, _ = study.ib_search_table(study.load_rows("v2_ib_search"))
     assert "| 10% | structlora beta=10 | 50.00 | 190 / 192 | 1.0 | 0 |" in block
+
+
+def test_budgets_runs_the_gate_first_and_masks_from_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(study, "fraction_lr", lambda: "2e-3")
+    calls = []
+    monkeypatch.setattr(study, "run", lambda script, out, flags, reduce: calls.append((out, flags)) or
+                        {"accuracy": 0.5, "open_directions": 96, "directions": 192})
+    study.budgets(seeds=(1,), shares=(25,))
+    (gate_out, gate), (_, norm), (_, rand), (_, ada) = calls
+    assert gate_out.endswith("/budgets/b25_r8_structlora_lr2e-3_seed1")
+    assert "--method=structlora" in gate and "--budget=0.25" in gate
+    assert "--method=graph" in norm and "--mask=norm" in norm and f"--keep-from={gate_out}" in norm
+    assert "--mask=random" in rand and f"--keep-from={gate_out}" in rand
+    assert not any(f.startswith("--budget") for f in norm + rand)  # a fixed mask has no gate to hold
+    assert "--method=adalora" in ada and "--budget=0.25" in ada
+    for _, flags in calls:
+        assert "--train-fraction=0.1" in flags and "--epochs=1" in flags and "--rank=8" in flags
+        assert "--lr=2e-3" in flags and "--seed=1" in flags
+    rows = study.load_rows("v2_budgets")
+    assert [(r["budget"], r["method"], r["seed"]) for r in rows] == [(25, m, 1) for m in study.BUDGET_METHODS]
+
+
+def test_budgets_table_reports_accuracy_and_the_budget_reached():
+    diag = dict(train_seconds=1.0, eval_seconds=1.0, directions=192)
+    rows = [{"budget": 25, "method": m, "seed": s, "accuracy": acc + 0.01 * s, "open_directions": kept, **diag}
+            for m, acc, kept in (("structlora", 0.80, 48), ("norm mask", 0.78, 48), ("adalora", 0.81, 47))
+            for s in (0, 1)]
+    rows[0]["accuracy"] = 0.79  # seed 0 of structlora: differences 0.01 and 0.02 against the norm mask
+    rows += [{"budget": 50, "method": "structlora", "seed": s, "accuracy": 0.9, "open_directions": 97, **diag}
+             for s in (0, 1)]  # another budget: compared with nothing at 25%
+    text, tests = study.budgets_table(rows)
+    assert "| 25% | structlora | 80.00 ± 1.41 |  |  | 48 / 192 (25.0%) | 0,1 |" in text
+    assert "| 25% | norm mask | 78.50 ± 0.71 | -1.50 | 0.205 | 48 / 192 (25.0%) | 0,1 |" in text
+    assert "| 25% | adalora | 81.50 ± 0.71 | +1.50 | 0.205 | 47 / 192 (24.5%) | 0,1 |" in text
+    assert "| 50% | structlora | 90.00 ± 0.00 |  |  | 97 / 192 (50.5%) | 0,1 |" in text
+    assert "random mask" not in text and [name for name, _ in tests] == ["norm mask at a 25% budget",
+                                                                          "adalora at a 25% budget"]

@@ -4,7 +4,8 @@ wrapper (forward, aux_loss, step, param_groups, save_adapter, merge_and_unload, 
     head       the new head trained alone, no adapter: what the adapters add is measured against it
     peft-lora  peft's LoRA on the same q/v layers, same r and α
     dora       peft's DoRA (use_dora=True): LoRA on the direction, a learned magnitude per output
-    adalora    peft's AdaLoRA: SVD-form P·Λ·Q, ranks pruned from init_r = 1.5·r to an average of r
+    adalora    peft's AdaLoRA: SVD-form P·Λ·Q, ranks pruned from init_r = 1.5·r to an average of r, or with a
+               budget b (StructLoRA's --budget) from r to an average of round(b·r)
 
 and the filter baselines of §5 (train_vit.py --mask): mask_directions fixes a StructLoRA without IB
 gate to keep the top-k-norm or k random directions per layer.
@@ -20,10 +21,12 @@ import torch.nn as nn
 BASELINES = ("head", "peft-lora", "dora", "adalora")
 
 
-def peft_config(method, r, alpha, target_modules, modules_to_save, total_steps):
+def peft_config(method, r, alpha, target_modules, modules_to_save, total_steps, budget=0.0):
     """peft's config for a peer at LoRA's budget. AdaLoRA: target_r = r, so the final total rank
     Σ_ℓ r_ℓ = r × (number of adapted layers) equals LoRA's; it starts at init_r = 1.5·r (its paper's
-    12 → 8) and prunes between 10% and 80% of training (tinit, tfinal), reallocating every 5%."""
+    12 → 8) and prunes between 10% and 80% of training (tinit, tfinal), reallocating every 5%. With a
+    budget b > 0 (StructLoRA's share of open directions) it starts where StructLoRA does, at init_r = r,
+    and keeps target_r = round(b·r) per layer on average: the same rank budget, allotted across layers."""
     try:
         import peft
     except ImportError as e:
@@ -31,7 +34,10 @@ def peft_config(method, r, alpha, target_modules, modules_to_save, total_steps):
     common = dict(target_modules=list(target_modules), modules_to_save=list(modules_to_save) or None,
                   lora_dropout=0.0, bias="none")
     if method == "adalora":
-        return peft.AdaLoraConfig(init_r=r + r // 2, target_r=r, lora_alpha=alpha, total_step=total_steps,
+        init_r, target_r = (r, round(budget * r)) if budget > 0 else (r + r // 2, r)
+        if target_r < 1:
+            raise SystemExit(f"--budget {budget} of rank {r} keeps no direction: AdaLoRA needs target_r ≥ 1")
+        return peft.AdaLoraConfig(init_r=init_r, target_r=target_r, lora_alpha=alpha, total_step=total_steps,
                                   tinit=int(0.1 * total_steps), tfinal=int(0.2 * total_steps),
                                   deltaT=max(1, int(0.05 * total_steps)), **common)
     return peft.LoraConfig(r=r, lora_alpha=alpha, use_dora=method == "dora", **common)
@@ -40,10 +46,12 @@ def peft_config(method, r, alpha, target_modules, modules_to_save, total_steps):
 class Baseline(nn.Module):
     """The head alone or a peft peer, with StructLoRA's training-script interface."""
 
-    def __init__(self, model, method, r, alpha, target_modules, modules_to_save, total_steps):
+    def __init__(self, model, method, r, alpha, target_modules, modules_to_save, total_steps, budget=0.0):
         super().__init__()
         if method not in BASELINES:
             raise ValueError(f"method must be one of {BASELINES}, got {method!r}")
+        if budget > 0 and method != "adalora":
+            raise ValueError(f"a budget of directions needs an IB method or adalora; {method} keeps every direction")
         self.method, self.steps, self.modules_to_save = method, 0, tuple(modules_to_save)
         if method == "head":
             if not modules_to_save:
@@ -55,7 +63,7 @@ class Baseline(nn.Module):
         else:
             from peft import get_peft_model
             self.model = get_peft_model(model, peft_config(method, r, alpha, target_modules, modules_to_save,
-                                                           total_steps))
+                                                           total_steps, budget))
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)

@@ -28,8 +28,9 @@ def add_method_args(p, rank=8, baselines=False):
     p.add_argument("--ib-weighting", default=d.ib_weighting, choices=["example", "step"],
                    help="example: β·KL/N per step (N training examples); step: β·KL per step (study v1)")
     p.add_argument("--budget", type=float, default=d.budget,
-                   help="share of directions to keep open, held by a Lagrange multiplier (0: off)")
-    p.add_argument("--budget-lr", type=float, default=d.budget_lr, help="dual-ascent rate of the budget's multiplier")
+                   help="share of directions to keep open, held by Lagrange multipliers (0: off); "
+                        "with --method adalora: its target rank, round(budget·rank) per layer on average")
+    p.add_argument("--budget-lr", type=float, default=d.budget_lr, help="dual-ascent rate of the budget's multipliers")
     p.add_argument("--prior", type=float, default=d.prior, help="IB prior π0 of an open direction")
     p.add_argument("--gate-init", type=float, default=d.gate_init, help="σ(φ) of every gate at step 0")
     p.add_argument("--tau", type=float, default=d.tau, help="Concrete temperature τ")
@@ -65,7 +66,7 @@ def make_adapter(model, args, total_steps, n_train, modules_to_save=()):
                              "(the peft peers save a peft adapter anyway)")
         from training.baselines import Baseline
         return Baseline(model, args.method, args.rank, args.alpha or 2.0 * args.rank,
-                        args.target_modules.split(","), modules_to_save, total_steps)
+                        args.target_modules.split(","), modules_to_save, total_steps, args.budget)
     return StructLoRA(model, structlora_config(args, total_steps, n_train, modules_to_save))
 
 
