@@ -1,0 +1,177 @@
+"""StructLoRA on a 4-bit base (QLoRA): bitsandbytes NF4 Linear4bit targets, against the dequantized
+weights with a hand-written LoRA branch, PEFT on the dequantized base, and the merge."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bitsandbytes as bnb
+from bitsandbytes.functional import dequantize_4bit
+from structlora import StructLoRA, StructLoRAConfig
+from toy import ToyModel, randomize, randomize_adapters, rel_err
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def nf4(linear):
+    """The test's own NF4 copy of an nn.Linear (double quantization, fp32 compute), quantized on CPU."""
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    q.load_state_dict(linear.state_dict())
+    q.support_avx512bf16_for_cpu = False  # the float reference below is not bitsandbytes' bf16 CPU inference path
+    return q.to("cpu")
+
+
+def nf4_toy(seed=0):
+    torch.manual_seed(seed)
+    model = randomize(ToyModel(), seed)
+    for block in model.blocks:
+        for name in PROJ:
+            setattr(block, name, nf4(getattr(block, name)))
+    return model
+
+
+def dequantized(q):
+    return dequantize_4bit(q.weight.data, q.weight.quant_state).float()
+
+
+class HandLoRA(nn.Module):
+    """y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ on a plain float weight: the reference for one adapted layer."""
+
+    def __init__(self, weight, bias, A, B, s):
+        super().__init__()
+        self.weight, self.bias, self.A, self.B, self.s = weight, bias, A.detach(), B.detach(), s
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + self.s * F.linear(F.linear(x, self.A), self.B)
+
+
+def float_copy(model, slora=None):
+    """The nf4 toy with every Linear4bit replaced by its dequantized weight (and, given `slora`, the
+    adapted ones by HandLoRA with its factors)."""
+    ref = nf4_toy()  # the same norms and head (seed 0); its projections are replaced below
+    for i, block in enumerate(ref.blocks):
+        for name in PROJ:
+            q = getattr(model.blocks[i], name)
+            q = q.base if hasattr(q, "base") else q
+            w = dequantized(q)
+            layer = slora.lora_layers.get(f"blocks.{i}.{name}") if slora else None
+            if layer is None:
+                lin = nn.Linear(w.shape[1], w.shape[0])
+                with torch.no_grad():
+                    lin.weight.copy_(w)
+                    lin.bias.copy_(q.bias)
+                setattr(block, name, lin)
+            else:
+                setattr(block, name, HandLoRA(w, q.bias.detach(), layer.lora_A, layer.lora_B, layer.scaling))
+    return ref
+
+
+def test_nf4_target_forward_equals_dequantized_weight_plus_lora_branch():
+    model = nf4_toy()
+    slora = StructLoRA(model, StructLoRAConfig(r=4, alpha=8, ib=False, graph=False))
+    randomize_adapters(slora)
+    assert all(type(layer.base) is bnb.nn.Linear4bit for layer in slora.lora_layers.values())
+    ref = float_copy(model, slora)
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        want = ref(x)
+        assert rel_err(slora.train()(x), want) < 1e-5
+        assert rel_err(slora.eval()(x), want) < 1e-5
+
+
+def test_nf4_gradients_reach_only_the_adapter_and_the_4bit_weights_stay():
+    model = nf4_toy()
+    slora = StructLoRA(model, StructLoRAConfig(r=4, alpha=8, modules_to_save=("head",)))
+    randomize_adapters(slora)
+    packed = {n: p.detach().clone() for n, p in model.named_parameters() if p.dtype == torch.uint8}
+    assert len(packed) == 4 * 5
+    opt = torch.optim.AdamW(slora.trainable_parameters(), lr=1e-2)
+    for _ in range(2):
+        slora(torch.randn(2, 7, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    slora(torch.randn(2, 7, 16)).square().mean().backward()
+    with_grad = [n for n, p in slora.named_parameters() if p.grad is not None]
+    adapter = (".lora_A", ".lora_B", ".gate_logits")
+    assert with_grad and all(n.endswith(adapter) or n.startswith(("graphs.", "model.head.")) for n in with_grad), with_grad
+    assert all(layer.lora_A.grad.abs().sum() > 0 for layer in slora.lora_layers.values())
+    for n, p in model.named_parameters():
+        if n in packed:
+            assert not p.requires_grad and torch.equal(p, packed[n]), n
+
+
+def test_nf4_merge_gives_plain_linear_in_compute_dtype_and_peft_export_fits_dequantized_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = nf4_toy()
+    reference_base = float_copy(model)  # before adaptation: the unquantized HF base PEFT would load on
+    slora = StructLoRA(model, StructLoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "o_proj"),
+                                               graph_layers=2, modules_to_save=("head",)))
+    randomize_adapters(slora)
+    x = torch.randn(2, 7, 16)
+    slora.eval()
+    with torch.no_grad():
+        adapted = slora(x)
+        want = {n: dequantized(layer.base) + layer.delta_weight() for n, layer in slora.lora_layers.items()}
+    slora.export_peft(tmp_path / "peft")
+    with torch.no_grad():
+        reference_base.head.load_state_dict(model.head.state_dict())
+    via_peft = peft.PeftModel.from_pretrained(reference_base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert rel_err(via_peft(x), adapted) < 1e-5
+    merged = slora.merge_and_unload()
+    for name, w in want.items():
+        layer = merged.get_submodule(name)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+        assert not layer.weight.requires_grad
+        assert torch.allclose(layer.weight, w, atol=1e-6), name
+    assert type(merged.blocks[0].k_proj) is bnb.nn.Linear4bit  # not adapted: stays 4-bit
+    with torch.no_grad():
+        assert rel_err(merged(x), adapted) < 1e-5
+
+
+def test_nf4_merge_in_bf16_compute_dtype():
+    lin = nn.Linear(16, 8)
+    q = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
+    q.load_state_dict(lin.state_dict())
+    model = nn.Sequential()
+    model.add_module("q_proj", q.to("cpu"))
+    slora = StructLoRA(model, StructLoRAConfig(r=2, alpha=4, ib=False, graph=False, target_modules=("q_proj",)))
+    randomize_adapters(slora)
+    with torch.no_grad():
+        want = (dequantized(q) + slora.lora_layers["q_proj"].delta_weight()).to(torch.bfloat16)
+    merged = slora.merge_and_unload()
+    assert type(merged.q_proj) is nn.Linear and merged.q_proj.weight.dtype == torch.bfloat16
+    assert torch.equal(merged.q_proj.weight, want)
+
+
+def test_nf4_target_computes_in_eval_what_it_computes_in_training_on_cpu():
+    """bitsandbytes' CPU inference path (AVX512-BF16: bf16 block scales, bf16 matmul) would make the
+    eval forward differ from training's and the weights undequantizable; StructLoRA turns it off."""
+    lin = nn.Linear(64, 32)
+    q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    q.load_state_dict(lin.state_dict())
+    model = nn.Sequential()
+    model.add_module("q_proj", q.to("cpu"))
+    slora = StructLoRA(model, StructLoRAConfig(r=2, alpha=4, ib=False, graph=False, target_modules=("q_proj",)))
+    randomize_adapters(slora)
+    layer = slora.lora_layers["q_proj"]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        want = HandLoRA(dequantized(q), q.bias, layer.lora_A, layer.lora_B, layer.scaling)(x)
+        assert rel_err(slora.eval()(x), want) < 1e-6
+        assert rel_err(slora.eval()(x), want) < 1e-6
+    assert rel_err(slora.merge_and_unload()(x), want) < 1e-6
+
+
+def test_nf4_target_repacked_for_cpu_inference_is_refused():
+    lin = nn.Linear(64, 32)
+    q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    q.load_state_dict(lin.state_dict())
+    model = nn.Sequential()
+    model.add_module("q_proj", q.to("cpu"))
+    q.support_avx512bf16_for_cpu = True  # as on a CPU that has AVX512-BF16
+    with torch.no_grad():
+        model.eval()(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="repacked"):
+        StructLoRA(model, StructLoRAConfig(r=2, alpha=4, ib=False, graph=False, target_modules=("q_proj",)))
