@@ -827,13 +827,15 @@ def check_linear4bit(q):
     q.support_avx512bf16_for_cpu = False
 
 
-def dequantized_linear(q, delta):
-    """An ordinary nn.Linear with W = dequantize(W_nf4) + ΔW^f, summed in float32, in q's compute dtype
+def dequantized_linear(q, delta=None):
+    """An ordinary nn.Linear with W = dequantize(W_nf4) (+ ΔW^f), summed in float32, in q's compute dtype
     (the dtype of its weights before quantization when it has none). Re-quantizing would round
     W0 + ΔW^f to the 4-bit grid again and change the merged model, so the merge leaves it unquantized."""
     from bitsandbytes.functional import dequantize_4bit  # q exists, so bitsandbytes is installed
     state = q.weight.quant_state
-    w = dequantize_4bit(q.weight.data, state).float() + delta.float()
+    w = dequantize_4bit(q.weight.data, state).float()
+    if delta is not None:
+        w += delta.float()
     dtype = q.compute_dtype or state.dtype
     lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
     lin.weight.copy_(w)

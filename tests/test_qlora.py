@@ -175,3 +175,82 @@ def test_nf4_target_repacked_for_cpu_inference_is_refused():
         model.eval()(torch.randn(3, 64))
     with pytest.raises(ValueError, match="repacked"):
         StructLoRA(model, StructLoRAConfig(r=2, alpha=4, ib=False, graph=False, target_modules=("q_proj",)))
+
+
+# ----------------------------------------------------------------------------------------------
+# train_llama.py --quantize nf4 on a tiny Hugging Face checkpoint written here
+
+@pytest.fixture(scope="module")
+def tiny_llama_run(tmp_path_factory):
+    """A tiny HF checkpoint, BoolQ-format data, and the argv of a 6-step --quantize nf4 run on them."""
+    from test_llama import boolq_args, tiny_tokenizer
+    transformers = pytest.importorskip("transformers")
+    root = tmp_path_factory.mktemp("qlora")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=96, rope_theta=5000.0,
+                                   max_position_embeddings=64, tie_word_embeddings=True, rms_norm_eps=1e-5)
+    randomize(transformers.LlamaForCausalLM(cfg)).save_pretrained(root / "ckpt")
+    tiny_tokenizer(root / "ckpt")
+    argv = ["--model", str(root / "ckpt"), *boolq_args(root), "--train-samples", "0", "--no-chat-template",
+            "--rank", "2", "--batch-size", "4", "--epochs", "2", "--lr", "1e-2", "--semantic-every", "1",
+            "--beta", "0.05", "--generations", "1", "--quantize", "nf4"]
+    return root, argv
+
+
+def test_train_llama_nf4_trains_and_merged_folder_loads_in_transformers_as_the_adapted_model(tiny_llama_run):
+    import train_llama
+    from transformers import AutoModelForCausalLM
+    root, argv = tiny_llama_run
+    args = train_llama.parse_args(argv + ["--save-merged", "--export-peft", "--out", str(root / "run")])
+    m = train_llama.main(args)
+    q = m["quantization"]
+    assert q["type"] == "nf4" and q["double_quant"] and q["compute_dtype"] == "float32"
+    assert q["linear4bit_layers"] == 2 * 7  # every linear layer of both blocks; lm_head and embeddings stay
+    assert m["steps"] == 6 and m["merged_accuracy"] == m["accuracy"] and m["merged_prediction_agreement"] == 1.0
+    # the adapted model, rebuilt on a freshly quantized base, against the saved merged folder
+    base = train_llama.load_base(args)
+    assert sum(is_4bit for is_4bit in (type(x) is bnb.nn.Linear4bit for x in base.modules())) == 14
+    adapted = StructLoRA.from_pretrained(base, str(root / "run" / "adapter")).eval()
+    hf = AutoModelForCausalLM.from_pretrained(root / "run" / "merged").eval()
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert rel_err(hf(input_ids=ids).logits, adapted(ids)) < 1e-5
+        assert rel_err(hf(input_ids=ids).logits, train_llama.load_llama(str(root / "ckpt"))(ids)) > 1e-3  # it trained
+
+
+def test_train_llama_nf4_resumes_exactly(tiny_llama_run, monkeypatch):
+    import train_llama
+    from test_checkpoint import Killed, assert_same, final_adapter, kill_at
+    root, argv = tiny_llama_run
+    run = lambda out, *extra: train_llama.main(train_llama.parse_args(argv + ["--save-every", "2", "--out", str(out),
+                                                                              *extra]))
+    run(root / "whole")
+    with monkeypatch.context() as m:
+        kill_at(m, StructLoRA, "step", 5)  # dies in step 5 of 6: the last checkpoint is step 4's
+        with pytest.raises(Killed):
+            run(root / "killed")
+    assert torch.load(root / "killed" / "checkpoint.pt", weights_only=True)["step"] == 4
+    run(root / "other", "--resume", str(root / "killed"))
+    assert_same(final_adapter(root / "killed"), final_adapter(root / "whole"))
+    with pytest.raises(ValueError, match="--quantize 'nf4'"):  # a resume without the flag would train another model
+        train_llama.main(train_llama.parse_args([a for a in argv if a not in ("--quantize", "nf4")] +
+                                                ["--resume", str(root / "killed")]))
+
+
+def test_quantize_bad_combinations_stop_with_one_clear_message(tiny_llama_run, monkeypatch, capsys):
+    import sys
+    import train_llama
+    import train_llava
+    import train_vit
+    root, argv = tiny_llama_run
+    with pytest.raises(SystemExit, match="--fsdp"):
+        train_llama.main(train_llama.parse_args(argv + ["--fsdp", "--out", str(root / "x")]))
+    with pytest.raises(SystemExit, match="--fsdp"):
+        train_llava.main(train_llava.parse_args(["--quantize", "nf4", "--fsdp"]))
+    with pytest.raises(SystemExit):
+        train_vit.parse_args(["--quantize", "nf4"])
+    assert "unrecognized arguments: --quantize nf4" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if it were not installed
+    with pytest.raises(SystemExit, match=r"pip install bitsandbytes==0\.50\.2"):
+        train_llama.main(train_llama.parse_args(argv + ["--out", str(root / "y")]))
+    assert not (root / "x").exists() and not (root / "y").exists()
