@@ -254,3 +254,28 @@ def test_quantize_bad_combinations_stop_with_one_clear_message(tiny_llama_run, m
     with pytest.raises(SystemExit, match=r"pip install bitsandbytes==0\.50\.2"):
         train_llama.main(train_llama.parse_args(argv + ["--out", str(root / "y")]))
     assert not (root / "x").exists() and not (root / "y").exists()
+
+
+def test_train_llava_nf4_quantizes_the_decoder_only_and_saves_an_ordinary_merged_model(tmp_path):
+    import train_llava
+    from test_llama import tiny_tokenizer
+    from test_llava import tiny_llava, write_conversations
+    transformers = pytest.importorskip("transformers")
+    source = tiny_llava(tmp_path / "llava")
+    tiny_tokenizer(tmp_path / "llava")
+    write_conversations(tmp_path, 6)
+    args = train_llava.parse_args(["--model", str(tmp_path / "llava"), "--data-json", str(tmp_path / "conv.json"),
+                                   "--eval-json", str(tmp_path / "conv.json"), "--image-folder", str(tmp_path / "images"),
+                                   "--image-size", "28", "--stage", "2", "--rank", "2", "--batch-size", "3",
+                                   "--train-samples", "0", "--quantize", "nf4", "--save-merged",
+                                   "--out", str(tmp_path / "run")])
+    m = train_llava.main(args)
+    assert m["quantization"]["linear4bit_layers"] == 2 * 7  # the decoder's blocks; not the tower, not the projector
+    assert m["merged_accuracy"] == m["accuracy"] and m["merged_prediction_agreement"] == 1.0
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "run" / "merged").state_dict()
+    src = source.state_dict()
+    k = "model.language_model.layers.1.self_attn.k_proj.weight"  # not adapted: W0 through NF4 and back
+    want = dequantized(nf4(source.model.language_model.layers[1].self_attn.k_proj))
+    assert torch.allclose(merged[k], want, atol=1e-6) and not torch.allclose(merged[k], src[k], atol=1e-3)
+    tower = [n for n in src if ".vision_tower." in n and n.endswith("k_proj.weight")]
+    assert tower and all(torch.equal(merged[n], src[n]) for n in tower)  # the tower stayed in --dtype
