@@ -1,5 +1,7 @@
 """StructLoRA on a 4-bit base (QLoRA): bitsandbytes NF4 Linear4bit targets, against the dequantized
 weights with a hand-written LoRA branch, PEFT on the dequantized base, and the merge."""
+import json
+
 import pytest
 import torch
 import torch.nn as nn
@@ -279,3 +281,15 @@ def test_train_llava_nf4_quantizes_the_decoder_only_and_saves_an_ordinary_merged
     assert torch.allclose(merged[k], want, atol=1e-6) and not torch.allclose(merged[k], src[k], atol=1e-3)
     tower = [n for n in src if ".vision_tower." in n and n.endswith("k_proj.weight")]
     assert tower and all(torch.equal(merged[n], src[n]) for n in tower)  # the tower stayed in --dtype
+
+
+def test_ddp_nf4_lora_on_two_processes_equals_one_process(tiny_llama_run):
+    import train_llama
+    from test_distributed import assert_same_adapter, torchrun
+    root, argv = tiny_llama_run
+    train_llama.main(train_llama.parse_args(argv + ["--method", "lora", "--out", str(root / "one_lora")]))
+    rc, out = torchrun("train_llama.py", *argv, "--method", "lora", "--out", root / "ddp_lora")
+    assert rc == 0, out[-3000:]
+    assert_same_adapter(root / "ddp_lora", root / "one_lora")
+    m = json.loads((root / "ddp_lora" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["quantization"]["linear4bit_layers"] == 14
