@@ -209,6 +209,8 @@ def test_train_llama_nf4_trains_and_merged_folder_loads_in_transformers_as_the_a
     assert q["type"] == "nf4" and q["double_quant"] and q["compute_dtype"] == "float32"
     assert q["linear4bit_layers"] == 2 * 7  # every linear layer of both blocks; lm_head and embeddings stay
     assert m["steps"] == 6 and m["merged_accuracy"] == m["accuracy"] and m["merged_prediction_agreement"] == 1.0
+    n_base = sum(p.numel() for p in train_llama.load_llama(str(root / "ckpt")).parameters())  # unquantized count
+    assert m["trainable_share"] == pytest.approx(m["trainable_params"] / (m["trainable_params"] + n_base))
     # the adapted model, rebuilt on a freshly quantized base, against the saved merged folder
     base = train_llama.load_base(args)
     assert sum(is_4bit for is_4bit in (type(x) is bnb.nn.Linear4bit for x in base.modules())) == 14
