@@ -295,3 +295,25 @@ def test_ddp_nf4_lora_on_two_processes_equals_one_process(tiny_llama_run):
     assert_same_adapter(root / "ddp_lora", root / "one_lora")
     m = json.loads((root / "ddp_lora" / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["quantization"]["linear4bit_layers"] == 14
+
+
+def test_transformers_model_loaded_in_4bit_is_adapted_and_merged(tmp_path):
+    """A user's model from transformers with BitsAndBytesConfig(load_in_4bit=True): every linear layer
+    of the blocks adapted (bitsandbytes' CPU eval path would repack a layer left 4-bit), merged = adapted."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=96, max_position_embeddings=64)
+    randomize(transformers.LlamaForCausalLM(cfg)).save_pretrained(tmp_path)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                            bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    slora = StructLoRA(model, StructLoRAConfig(r=2, alpha=4, target_modules=targets))
+    assert len(slora.lora_layers) == 14 and all(type(l.base) is bnb.nn.Linear4bit for l in slora.lora_layers.values())
+    randomize_adapters(slora)
+    ids = torch.randint(0, 300, (2, 8))
+    with torch.no_grad():
+        adapted = slora.eval()(input_ids=ids).logits
+        merged = slora.merge_and_unload()
+        assert rel_err(merged(input_ids=ids).logits, adapted) < 1e-5
+    assert not any(type(m) is bnb.nn.Linear4bit for m in merged.modules())
