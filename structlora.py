@@ -170,6 +170,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, cfg: StructLoRAConfig, generator=None):
         super().__init__()
         self.base, self.r, self.scaling, self.cfg = base, cfg.r, cfg.alpha / cfg.r, cfg
+        if is_linear4bit(base):
+            check_linear4bit(base)
         kw = dict(device=base.weight.device, dtype=torch.float32)
         self.lora_A = nn.Parameter(torch.empty(cfg.r, base.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, cfg.r, **kw))  # ΔW = 0 at step 0
@@ -731,14 +733,20 @@ class StructLoRA(nn.Module):
     @torch.no_grad()
     def merge_and_unload(self):
         """W0 ← W0 + ΔW^f (deterministic gates, the coordinator); returns the plain base model and
-        retires this wrapper (every later call raises)."""
+        retires this wrapper (every later call raises). A bitsandbytes Linear4bit target (QLoRA) comes
+        back as an ordinary nn.Linear in its compute dtype holding dequantize(W0) + ΔW^f: re-quantizing
+        to 4 bits would change the merged weights. Layers that were not adapted stay 4-bit."""
         self._live()
         self.eval()
         deltas = {name: layer.delta_weight() for name, layer in self.lora_layers.items()}
         for name, layer in self.lora_layers.items():
-            layer.base.weight += deltas[name].to(layer.base.weight.dtype)
+            if is_linear4bit(layer.base):  # QLoRA: the merged layer leaves as a plain nn.Linear
+                merged = dequantized_linear(layer.base, deltas[name])
+            else:
+                layer.base.weight += deltas[name].to(layer.base.weight.dtype)
+                merged = layer.base
             parent, _, leaf = name.rpartition(".")
-            setattr(self.model.get_submodule(parent), leaf, layer.base)
+            setattr(self.model.get_submodule(parent), leaf, merged)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self.requires_grad_before[n])
         model = self.model
@@ -929,6 +937,39 @@ def _get_module(model, name):
         raise ValueError(f"module {name!r} not found in {type(model).__name__}") from None
 
 
+def is_linear4bit(module):
+    """A bitsandbytes 4-bit linear layer (QLoRA's frozen base), recognised without importing bitsandbytes."""
+    cls = type(module)
+    return cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes.")
+
+
+def check_linear4bit(q):
+    """A Linear4bit target must compute in eval what it computes in training, and stay dequantizable.
+    On a CPU with AVX512-BF16, bitsandbytes repacks the weight on the first eval forward under no_grad
+    and from then on computes in bf16 with bf16 block scales; that path is turned off here."""
+    if getattr(q.weight.quant_state, "packing_format_for_cpu", False):
+        raise ValueError("this Linear4bit was repacked by bitsandbytes' CPU inference path (an eval forward under "
+                         "no_grad before StructLoRA wrapped it); adapt a freshly quantized model")
+    q.support_avx512bf16_for_cpu = False
+
+
+def dequantized_linear(q, delta=None):
+    """An ordinary nn.Linear with W = dequantize(W_nf4) (+ ΔW^f), summed in float32, in q's compute dtype
+    (the dtype of its weights before quantization when it has none). Re-quantizing would round
+    W0 + ΔW^f to the 4-bit grid again and change the merged model, so the merge leaves it unquantized."""
+    from bitsandbytes.functional import dequantize_4bit  # q exists, so bitsandbytes is installed
+    state = q.weight.quant_state
+    w = dequantize_4bit(q.weight.data, state).float()
+    if delta is not None:
+        w += delta.float()
+    dtype = q.compute_dtype or state.dtype
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=w.device, dtype=dtype)
+    lin.weight.copy_(w)
+    if q.bias is not None:
+        lin.bias.copy_(q.bias)
+    return lin
+
+
 def find_targets(model, cfg):
     """[(path, nn.Linear)] to adapt, in depth order; refuses a config that cannot apply cleanly."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
@@ -939,9 +980,9 @@ def find_targets(model, cfg):
     for n, m in model.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), []).append(n)
     hits = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in cfg.target_modules]
-    not_linear = [n for n, m in hits if type(m) is not nn.Linear]
+    not_linear = [n for n, m in hits if type(m) is not nn.Linear and not is_linear4bit(m)]
     if not_linear:
-        raise TypeError(f"target modules must be nn.Linear; these are not: {not_linear[:8]}")
+        raise TypeError(f"target modules must be nn.Linear or bitsandbytes Linear4bit; these are not: {not_linear[:8]}")
     found = {n.rpartition(".")[2] for n, _ in hits}
     missing = [t for t in cfg.target_modules if t not in found]
     if missing:

@@ -17,7 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from training import distributed
+from training import distributed, quantize
 from training.common import (DTYPES, add_export_args, add_method_args, make_adapter, optimizer, parameter_counts,
                              print_adapter_summary)
 from training.lm_scoring import answer_logprobs, candidate_scores
@@ -44,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1, help="0: no training step, scores the base model (B = 0)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights of the frozen base model")
+    quantize.add_args(p)
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each block in backward (7B)")
     add_method_args(p, rank=8)
     p.add_argument("--generations", type=int, default=3, help="greedy generations to print")
@@ -67,6 +68,14 @@ def encode(tok, ex, args, candidate=None):
     if len(prompt) > room:  # keep the instruction's start and its question at the end
         prompt = prompt[: room - room // 4] + prompt[len(prompt) - room // 4:]
     return prompt, answer
+
+
+def load_base(args):
+    """The frozen decoder on args.device; --quantize nf4: its blocks' linear layers 4-bit (QLoRA)."""
+    model = load_llama(args.model, dtype=DTYPES[args.dtype])
+    if args.quantize:
+        quantize.nf4(model.layers, DTYPES[args.dtype], args.device)
+    return model.to(args.device)
 
 
 def lm_forward(model):
@@ -104,6 +113,7 @@ def generations(model, examples, tok, args):
 def main(args):
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
+    quantize.check_args(args)
     args.device = distributed.setup(args)  # under torchrun on CUDA: this rank's cuda:LOCAL_RANK
     ckpt, args.out = distributed.load_checkpoint(args)  # --resume RUN_DIR continues in RUN_DIR
     torch.manual_seed(args.seed)
@@ -117,8 +127,9 @@ def main(args):
     test = test[:args.eval_samples] if args.eval_samples > 0 else test
     batches = distributed.global_batches(train, args.batch_size, args.epochs, lambda xs: rng.sample(xs, len(xs)))
     tok = load_tokenizer(args.model)
-    base = lambda: load_llama(args.model, dtype=DTYPES[args.dtype]).to(args.device)
+    base = lambda: load_base(args)
     model = base()
+    quantization = quantize.summary(model, args)  # the frozen base alone, before the adapters
     model.grad_checkpointing = args.grad_checkpointing
     slora = make_adapter(model, args, len(batches), len(train))
     opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, len(batches))
@@ -142,6 +153,8 @@ def main(args):
                               base_model_name_or_path=base_name(args.model, OFFLINE))
     open_dirs, diag = slora.open_directions(), slora.diagnostics()
     merged = distributed.merge(slora, args, base)
+    if args.quantize:  # the layers left 4-bit, so that the merged model is an ordinary one
+        quantize.dequantize(merged)
     merged_acc, merged_picks = evaluate(merged, test, tok, args, "eval merged")
     if args.save_merged and distributed.is_main():
         save_pretrained(merged, os.path.join(args.out, "merged"), args.model)
@@ -150,7 +163,7 @@ def main(args):
         "merged_prediction_agreement": sum(a == b for a, b in zip(picks, merged_picks)) / len(test),
         "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(train), "n_eval": len(test),
         "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": len(batches),
-        "world_size": distributed.world(), "open_directions": open_dirs, "graphs": diag, "args": vars(args),
+        "world_size": distributed.world(), "quantization": quantization, "open_directions": open_dirs, "graphs": diag, "args": vars(args),
     }
     if distributed.is_main():
         metrics["generations"] = generations(merged, test, tok, args)

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from training import distributed
+from training import distributed, quantize
 from training.common import DTYPES, add_export_args, add_method_args, make_adapter, optimizer, print_adapter_summary
 from training.image_data import to_pixels
 from models import llama as llama_mod
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    quantize.add_args(p)  # the language model only: the vision tower and projector stay in --dtype
     p.add_argument("--grad-checkpointing", action="store_true")
     add_method_args(p, rank=8)
     p.add_argument("--out", default="runs/llava", help="run folder: metrics.json, adapter/, merged/, peft_adapter/")
@@ -235,6 +236,7 @@ def main(args):
     from safetensors.torch import load_file
     if args.bf16 is None:
         args.bf16 = args.device.startswith("cuda")
+    quantize.check_args(args)
     args.device = distributed.setup(args)  # under torchrun on CUDA: this rank's cuda:LOCAL_RANK
     ckpt, args.out = distributed.load_checkpoint(args)  # --resume RUN_DIR continues in RUN_DIR
     torch.manual_seed(args.seed)
@@ -244,9 +246,12 @@ def main(args):
         train = rng.sample(train, min(args.train_samples, len(train)))
     test = test[:args.eval_samples] if args.eval_samples > 0 else test
     model, tok, image_id = build_model(args)
+    if args.quantize:  # QLoRA: the decoder blocks' linear layers 4-bit
+        quantize.nf4(model.language_model.layers, DTYPES[args.dtype], args.device)
     model = model.to(args.device).requires_grad_(False)
     model.language_model.grad_checkpointing = args.grad_checkpointing
     metrics, t0 = {"args": vars(args), "world_size": distributed.world()}, time.time()
+    metrics["quantization"] = quantize.summary(model.language_model, args)
     if ckpt:
         model.projector.load_state_dict(ckpt["projector"])
     if args.stage in ("1", "both") and not (ckpt and ckpt["stage"] == "2"):
@@ -288,6 +293,8 @@ def stage2(model, tok, image_id, train, test, metrics, args, ckpt):
         model = build_model(args)[0].to(args.device)
         model.projector.load_state_dict(projector)
     distributed.merge(slora, args, lambda: model.language_model)  # in place: now the plain decoder
+    if args.quantize:  # the layers left 4-bit, so that the merged model is an ordinary one
+        quantize.dequantize(model.language_model)
     if args.save_merged and distributed.is_main():
         llava_mod.save_pretrained(model, os.path.join(args.out, "merged"), args.model or args.llm)
     merged_acc, merged_preds = evaluate(model, test, tok, image_id, args, "eval merged")

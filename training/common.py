@@ -102,7 +102,14 @@ def parameter_counts(adapter):
     """(trainable, total) parameter counts of a wrapped model: StructLoRA or a baseline."""
     params = adapter.trainable_parameters()
     n_train = sum(p.numel() for p in params)
-    return n_train, n_train + sum(p.numel() for p in adapter.parameters() if not p.requires_grad)
+    frozen = sum(unpacked_numel(p) for p in adapter.parameters() if not p.requires_grad)
+    return n_train, n_train + frozen
+
+
+def unpacked_numel(p):
+    """A parameter's element count; for a bitsandbytes 4-bit weight (two per byte), before packing."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None else p.numel()
 
 
 def lr_lambda(total, warmup):
