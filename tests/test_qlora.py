@@ -132,14 +132,19 @@ def test_nf4_merge_gives_plain_linear_in_compute_dtype_and_peft_export_fits_dequ
         assert rel_err(merged(x), adapted) < 1e-5
 
 
-def test_nf4_merge_in_bf16_compute_dtype():
-    lin = nn.Linear(16, 8)
-    q = bnb.nn.Linear4bit(16, 8, compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-    q.load_state_dict(lin.state_dict())
+def one_nf4_lora(n_in, n_out, compute_dtype):
+    """(plain LoRA on one NF4 layer named q_proj with random adapters, that Linear4bit)."""
+    q = bnb.nn.Linear4bit(n_in, n_out, compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+    q.load_state_dict(nn.Linear(n_in, n_out).state_dict())
     model = nn.Sequential()
     model.add_module("q_proj", q.to("cpu"))
     slora = StructLoRA(model, StructLoRAConfig(r=2, alpha=4, ib=False, graph=False, target_modules=("q_proj",)))
     randomize_adapters(slora)
+    return slora, q
+
+
+def test_nf4_merge_in_bf16_compute_dtype():
+    slora, q = one_nf4_lora(16, 8, torch.bfloat16)
     with torch.no_grad():
         want = (dequantized(q) + slora.lora_layers["q_proj"].delta_weight()).to(torch.bfloat16)
     merged = slora.merge_and_unload()
@@ -150,13 +155,7 @@ def test_nf4_merge_in_bf16_compute_dtype():
 def test_nf4_target_computes_in_eval_what_it_computes_in_training_on_cpu():
     """bitsandbytes' CPU inference path (AVX512-BF16: bf16 block scales, bf16 matmul) would make the
     eval forward differ from training's and the weights undequantizable; StructLoRA turns it off."""
-    lin = nn.Linear(64, 32)
-    q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
-    q.load_state_dict(lin.state_dict())
-    model = nn.Sequential()
-    model.add_module("q_proj", q.to("cpu"))
-    slora = StructLoRA(model, StructLoRAConfig(r=2, alpha=4, ib=False, graph=False, target_modules=("q_proj",)))
-    randomize_adapters(slora)
+    slora, q = one_nf4_lora(64, 32, torch.float32)
     layer = slora.lora_layers["q_proj"]
     x = torch.randn(3, 64)
     with torch.no_grad():

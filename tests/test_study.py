@@ -204,12 +204,17 @@ def test_llama_table_shows_the_base_model_row(tmp_path, monkeypatch):
     assert "| 2 | lora | 63.00 ± 1.00 |" in text  # 62, 63, 64 and "seeds [0, 1, 2]" in text
 
 
-def test_fractions_runs_the_variants_with_their_flags(tmp_path, monkeypatch):
+def fake_runs(monkeypatch, tmp_path, result):
+    """study.run records (out, flags) and returns `result` instead of training; results go to tmp_path."""
     monkeypatch.setattr(study, "RESULTS", str(tmp_path))
     monkeypatch.setattr(study, "fraction_lr", lambda: "2e-3")
     calls = []
-    monkeypatch.setattr(study, "run", lambda script, out, flags, reduce: calls.append((out, flags)) or
-                        {"accuracy": 0.5, "n_train": 15000, "steps": 469})
+    monkeypatch.setattr(study, "run", lambda script, out, flags, reduce: calls.append((out, flags)) or dict(result))
+    return calls
+
+
+def test_fractions_runs_the_variants_with_their_flags(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.5, "n_train": 15000, "steps": 469})
     study.fractions(seeds=(1,), percents=(25,), methods=("ib beta=0", "graph"))
     (out_a, a), (out_b, b) = calls
     assert out_a.endswith("/p25_r8_ib_beta0_lr2e-3_seed1") and "--method=ib" in a and "--beta=0" in a
@@ -220,11 +225,7 @@ def test_fractions_runs_the_variants_with_their_flags(tmp_path, monkeypatch):
 
 
 def test_ib_search_runs_on_held_out_images_with_one_flag_changed(tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
-    monkeypatch.setattr(study, "fraction_lr", lambda: "2e-3")
-    calls = []
-    monkeypatch.setattr(study, "run", lambda script, out, flags, reduce: calls.append((out, flags)) or
-                        {"accuracy": 0.5, "open_directions": 190, "directions": 192, "train_seconds": 60.0})
+    calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.5, "open_directions": 190, "directions": 192, "train_seconds": 60.0})
     study.ib_search(seeds=(0,), percents=(10,), variants=("structlora", "structlora beta=10", "lora"))
     (_, a), (out_b, b), (_, c) = calls
     assert all("--holdout-per-class=100" in f and "--train-fraction=0.1" in f for f in (a, b, c))  # never the test split
@@ -235,11 +236,7 @@ def test_ib_search_runs_on_held_out_images_with_one_flag_changed(tmp_path, monke
 
 
 def test_budgets_runs_the_gate_first_and_masks_from_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(study, "RESULTS", str(tmp_path))
-    monkeypatch.setattr(study, "fraction_lr", lambda: "2e-3")
-    calls = []
-    monkeypatch.setattr(study, "run", lambda script, out, flags, reduce: calls.append((out, flags)) or
-                        {"accuracy": 0.5, "open_directions": 96, "directions": 192})
+    calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.5, "open_directions": 96, "directions": 192})
     study.budgets(seeds=(1,), shares=(25,))
     (gate_out, gate), (_, norm), (_, rand), (_, ada) = calls
     assert gate_out.endswith("/budgets/b25_r8_structlora_lr2e-3_seed1")
