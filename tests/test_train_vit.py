@@ -110,13 +110,13 @@ def test_fashion_mnist_reader():
 def test_filter_baseline_keeps_as_many_directions_as_the_ib_run(tiny, tmp_path, rule, monkeypatch):
     ib = run(tiny, tmp_path / "ib", "--method", "ib", "--rank", "4", "--beta", "1", "--control-lr", "1")
     assert sum(ib["open_directions"].values()) < 4 * 6  # this β closes some directions
-    original, seen = StructLoRA.mask_directions, []
+    original, seen = train_vit.mask_directions, []
 
     def spy(slora, keep, rule_used, generator=None):  # the factor norms when the mask is fixed, by hand
         norms = {n: (l.lora_B.norm(dim=0) * l.lora_A.norm(dim=1)).detach().clone() for n, l in slora.lora_layers.items()}
         original(slora, keep, rule_used, generator)
         seen.append((rule_used, norms, {n: l.mask.clone() for n, l in slora.lora_layers.items()}))
-    monkeypatch.setattr(StructLoRA, "mask_directions", spy)
+    monkeypatch.setattr(train_vit, "mask_directions", spy)
     m = run(tiny, tmp_path / "masked", "--method", "lora", "--rank", "4", "--mask", rule,
             "--keep-from", str(tmp_path / "ib" / "run"))
     assert m["open_directions"] == ib["open_directions"] and m["merged_accuracy"] == m["accuracy"]
