@@ -210,7 +210,8 @@ FRACTION_LRS = ("1e-3", "2e-3", "5e-3")
 # kept beside the per-example gate's rows. The peers part and Table 6 (50 images/class) ran v1's gate too.
 # Diagnostics for the fractions (which part of StructLoRA costs accuracy in long runs): `ib` and `graph`
 # are methods of train_vit.py; these are methods with one flag changed
-FRACTION_VARIANTS = {"ib beta=0": ["--method=ib", "--beta=0"]}
+FRACTION_VARIANTS = {"ib beta=0": ["--method=ib", "--beta=0"],
+                     "structlora control-lr=1e-2": ["--method=structlora", "--control-lr=1e-2"]}
 # The IB gate weighted per example (β·KL/N) and held off during the warm-up: β, π0 and the control lr chosen
 # again, one at a time around the ELBO's β = 1, on held-out images at two data sizes (ib-search)
 IB_SEARCH = {"structlora": [], "structlora beta=0.1": ["--beta=0.1"], "structlora beta=10": ["--beta=10"],
