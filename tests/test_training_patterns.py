@@ -233,7 +233,7 @@ def test_readme_snippet_trains_gates_and_coordinator_and_merges(tmp_path, monkey
     assert scope["cfg"].kl_warmup_steps == 4 and scope["cfg"].num_train_examples == 320
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     control = scope["opt"].param_groups[1]  # φ of 10 layers and ψ of 2 graphs at the control lr, no decay
-    assert (control["lr"], control["weight_decay"], len(control["params"])) == (5e-2, 0.0, 12)
+    assert (control["lr"], control["weight_decay"], len(control["params"])) == (1e-2, 0.0, 12)
     assert sorted(p.numel() for p in control["params"]) == [1, 1] + [8] * 10
 
 

@@ -49,7 +49,7 @@ def add_method_args(p, rank=8, baselines=False):
     p.add_argument("--gcn-activation", default=d.gcn_activation, choices=["tanh", "identity"])
     p.add_argument("--reg-weight", type=float, default=d.reg_weight,
                    help="weight of the static regularizer of --method lora+cos / lora+laplacian")
-    p.add_argument("--control-lr", type=float, default=5e-2,
+    p.add_argument("--control-lr", type=float, default=1e-2,
                    help="learning rate of the gate and smoothing logits φ, ψ (see StructLoRA.param_groups)")
     p.add_argument("--warmup", type=float, default=0.06, help="share of steps with linear LR warm-up")
     p.add_argument("--weight-decay", type=float, default=0.01)
