@@ -211,11 +211,17 @@ FRACTION_LRS = ("1e-3", "2e-3", "5e-3")
 # Diagnostics for the fractions (which part of StructLoRA costs accuracy in long runs): `ib` and `graph`
 # are methods of train_vit.py; these are methods with one flag changed
 FRACTION_VARIANTS = {"ib beta=0": ["--method=ib", "--beta=0"],
-                     "structlora control-lr=1e-2": ["--method=structlora", "--control-lr=1e-2"]}
+                     # the per-example gate at the former control lr (the default until held-out chose 1e-2)
+                     "structlora control-lr=5e-2": ["--method=structlora", "--control-lr=5e-2"],
+                     "ib control-lr=5e-2": ["--method=ib", "--control-lr=5e-2"],
+                     "ib beta=0 control-lr=5e-2": ["--method=ib", "--beta=0", "--control-lr=5e-2"],
+                     "graph control-lr=5e-2": ["--method=graph", "--control-lr=5e-2"]}
 # The IB gate weighted per example (β·KL/N) and held off during the warm-up: β, π0 and the control lr chosen
 # again, one at a time around the ELBO's β = 1, on held-out images at two data sizes (ib-search)
-IB_SEARCH = {"structlora": [], "structlora beta=0.1": ["--beta=0.1"], "structlora beta=10": ["--beta=10"],
-             "structlora prior=0.4": ["--prior=0.4"], "structlora control-lr=1e-2": ["--control-lr=1e-2"],
+# (around the control lr 5e-2 of that time; 1e-2 won and is now the scripts' default)
+C5 = "--control-lr=5e-2"
+IB_SEARCH = {"structlora": [C5], "structlora beta=0.1": ["--beta=0.1", C5], "structlora beta=10": ["--beta=10", C5],
+             "structlora prior=0.4": ["--prior=0.4", C5], "structlora control-lr=1e-2": ["--control-lr=1e-2"],
              "lora": ["--method=lora"]}
 IB_SEARCH_PERCENTS = (10, 25)
 # The paper's filter ablation at matched budgets: StructLoRA holding a share of its directions open (--budget), the
