@@ -222,6 +222,9 @@ FRACTION_VARIANTS = {"ib beta=0": ["--method=ib", "--beta=0"],
 C5 = "--control-lr=5e-2"
 IB_SEARCH = {"structlora": [C5], "structlora beta=0.1": ["--beta=0.1", C5], "structlora beta=10": ["--beta=10", C5],
              "structlora prior=0.4": ["--prior=0.4", C5], "structlora control-lr=1e-2": ["--control-lr=1e-2"],
+             # the gate's sampling noise at 188 steps (what still costs at 10%): a colder Concrete sample
+             "structlora control-lr=1e-2 tau=0.2": ["--control-lr=1e-2", "--tau=0.2"],
+             "structlora control-lr=1e-2 tau=0.1": ["--control-lr=1e-2", "--tau=0.1"],
              "lora": ["--method=lora"]}
 IB_SEARCH_PERCENTS = (10, 25)
 # The paper's filter ablation at matched budgets: StructLoRA holding a share of its directions open (--budget), the
