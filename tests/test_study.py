@@ -229,10 +229,49 @@ def test_ib_search_runs_on_held_out_images_with_one_flag_changed(tmp_path, monke
     study.ib_search(seeds=(0,), percents=(10,), variants=("structlora", "structlora beta=10", "lora"))
     (_, a), (out_b, b), (_, c) = calls
     assert all("--holdout-per-class=100" in f and "--train-fraction=0.1" in f for f in (a, b, c))  # never the test split
-    assert not any(f.startswith("--beta") for f in a) and "--beta=10" in b and out_b.endswith("p10_structlora_beta10_seed0")
+    assert not any(f.startswith("--beta") for f in a) and "--beta=10" in b and out_b.endswith("p10_h100_structlora_beta10_seed0")
     assert c[c.index("--method=structlora") + 1:].count("--method=lora") == 1  # the last --method wins
     block, _ = study.ib_search_table(study.load_rows("v2_ib_search"))
-    assert "| 10% | structlora beta=10 | 50.00 | 190 / 192 | 1.0 | 0 |" in block
+    assert "| 10% | 1000 | structlora beta=10 | 50.00 | 190 / 192 | 1.0 | 0 |" in block
+
+
+def test_ib_search_records_the_held_out_size(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.5, "open_directions": 190, "directions": 192, "train_seconds": 60.0})
+    study.ib_search(seeds=(0,), percents=(10,), variants=("structlora",), holdout=300)
+    study.ib_search(seeds=(0,), percents=(10,), variants=("structlora",))
+    (out_a, a), (_, b) = calls
+    assert "--holdout-per-class=300" in a and out_a.endswith("p10_h300_structlora_seed0")
+    assert "--holdout-per-class=100" in b
+    rows = study.load_rows("v2_ib_search")  # two held-out sizes: two rows, neither replaces the other
+    assert sorted(r["holdout_per_class"] for r in rows) == [100, 300]
+
+
+def test_language_runs_both_testbeds_with_one_stage1_projector(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.6, "open_directions": 240, "directions": 240})
+    study.language(seeds=(0, 1), methods=("lora", "structlora"))
+    outs = [out for out, _ in calls]
+    assert len(calls) == 4 + 1 + 4 and outs[4].endswith("/language/easy-vqa_stage1")
+    assert "--stage=1" in calls[4][1] and outs[:4] == [f"{study.V2}/language/fine-foods_r8_{m}_seed{s}"
+                                                      for m in ("lora", "structlora") for s in (0, 1)]
+    for out, flags in calls[5:]:
+        assert "--stage=2" in flags and f"--projector={outs[4]}/projector.safetensors" in flags
+    for out, flags in calls[:4] + calls[5:]:
+        assert "--rank=8" in flags and "--train-samples=1600" in flags and "--eval-samples=500" in flags
+        assert f"--seed={out[-1]}" in flags and f"--method={out.split('_r8_')[1].split('_seed')[0]}" in flags
+    rows = study.load_rows("v2_language")
+    assert sorted((r["testbed"], r["method"], r["seed"]) for r in rows) == sorted(
+        (t, m, s) for t in study.LANGUAGE for m in ("lora", "structlora") for s in (0, 1))
+
+
+def test_language_table_compares_with_lora_on_the_same_seeds():
+    diag = dict(train_seconds=60.0, eval_seconds=1.0, directions=240, n_train=2400, n_eval=1000, steps=300)
+    rows = [{"testbed": "fine-foods", "method": m, "seed": s, "accuracy": acc + 0.01 * s, "open_directions": o, **diag}
+            for m, acc, o in (("lora", 0.70, 240), ("structlora", 0.71, 230)) for s in (0, 1, 2)]
+    rows[3]["accuracy"] = 0.705  # structlora seed 0: differences 0.005, 0.01, 0.01
+    text, tests = study.language_table(rows)
+    assert "| fine-foods | 2,400 | 300 | 1000 | lora | 71.00 ± 1.00 |  |  | 240 / 240 | 1.0 | 0,1,2 |" in text
+    assert "| fine-foods | 2,400 | 300 | 1000 | structlora | 71.83 ± 1.26 | +0.83 | 0.038 | 230 / 240 | 1.0 | 0,1,2 |" in text
+    assert [name for name, _ in tests] == ["structlora on fine-foods"] and "easy-vqa" not in text
 
 
 def test_budgets_runs_the_gate_first_and_masks_from_it(tmp_path, monkeypatch):
