@@ -84,12 +84,14 @@ class StructLoRAConfig:
         self.target_modules, self.modules_to_save = tuple(self.target_modules), tuple(self.modules_to_save)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"rank r must be a positive integer, got {self.r!r}")
-        if self.alpha <= 0 or self.beta < 0 or self.kl_warmup_steps < 0:
-            raise ValueError("need alpha > 0, beta ≥ 0 and kl_warmup_steps ≥ 0")
+        if not self.alpha > 0 or not 0 <= self.beta < math.inf or self.kl_warmup_steps < 0:
+            raise ValueError(f"need alpha > 0, a finite beta ≥ 0 and kl_warmup_steps ≥ 0; got alpha {self.alpha}, "
+                             f"beta {self.beta}, kl_warmup_steps {self.kl_warmup_steps}")
         if not isinstance(self.num_train_examples, int) or self.num_train_examples < 0:
             raise ValueError(f"num_train_examples must be an integer ≥ 0, got {self.num_train_examples!r}")
-        if not 0 <= self.budget < 1 or self.budget_lr <= 0:
-            raise ValueError("need 0 ≤ budget < 1 (0: off) and budget_lr > 0")
+        if not 0 <= self.budget < 1 or not 0 < self.budget_lr < math.inf:
+            raise ValueError(f"need 0 ≤ budget < 1 (0: off) and a finite budget_lr > 0; got budget {self.budget}, "
+                             f"budget_lr {self.budget_lr}")
         if self.budget > 0 and not self.ib:
             raise ValueError("budget holds the share of open IB gates: it needs ib=True")
         if not self.target_modules:
@@ -567,6 +569,9 @@ class StructLoRA(nn.Module):
             for key, (layers, depth) in self.groups.items():
                 graphs[key] = LayerGraph(layers, depth, cfg, cfg.seed + len(graphs), make, process_group)
         self.cfg, self.model, self.graphs, self.steps, self.merged = cfg, model, graphs, 0, False
+        if cfg.budget > 0 and round(cfg.budget * cfg.r) == 0:
+            raise ValueError(f"budget {cfg.budget} of rank {cfg.r} keeps no direction (round(budget·r) = 0 per layer): "
+                             "every ΔW would be 0 at eval. Raise the budget, or set budget=0 (off)")
         device = next(iter(lora_layers.values())).lora_A.device
         self.register_buffer("budget_lambda", torch.zeros(2, device=device))  # (λ_close, λ_open), see budget_loss
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -607,7 +612,7 @@ class StructLoRA(nn.Module):
         """§4: (β/N)·Σ_modules Σ_j KL(Bern(σ(φ_j)) ‖ Bern(π0)), from step kl_warmup_steps on. [OURS] The
         task loss is a mean over examples, so the data-set-level KL of the ELBO enters each step as KL/N:
         the prior then weighs less the more data there is (ib_weighting="step" drops the 1/N). In budget
-        mode, + budget_loss(): the Lagrangian terms that hold round(budget·n) of the n gates open."""
+        mode, + budget_loss(): the Lagrangian terms that hold k = round(budget·r)·L of the n = L·r gates open."""
         self._live()
         layers = list(self.lora_layers.values())
         if not self.cfg.ib:
@@ -620,9 +625,11 @@ class StructLoRA(nn.Module):
         return loss
 
     def _budget_ranks(self, phi):
-        """φ of every gate sorted high to low, and k = round(budget·n): the number to keep open."""
+        """φ of every gate sorted high to low, and k = round(budget·r)·L, the number to keep open of the
+        n = L·r gates: round(budget·r) per layer on average, the total the AdaLoRA peer keeps at this budget
+        (peft: target_r × layers); round(budget·n) differed from it whenever budget·r is not an integer."""
         ranked = phi.flatten().sort(descending=True).values
-        return ranked, round(self.cfg.budget * ranked.numel())
+        return ranked, round(self.cfg.budget * self.cfg.r) * (ranked.numel() // self.cfg.r)
 
     def budget_loss(self, phi):
         """[OURS] budget mode: k of the n gates open at eval (σ(φ) ≥ p, p = prune_below) means, with φ

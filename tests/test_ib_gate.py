@@ -135,3 +135,30 @@ def test_budget_needs_the_ib_gate():
     for bad in (dict(budget=-0.1), dict(budget=1.0), dict(budget=0.5, budget_lr=0)):
         with pytest.raises(ValueError):
             StructLoRAConfig(**bad)
+
+
+def test_budget_that_keeps_no_direction_is_refused():
+    # review20: round(budget·n) = 0 was accepted and then closed every direction (ΔW = 0 at eval), where the
+    # AdaLoRA peer refuses the same budget (target_r = round(budget·r) < 1)
+    for budget in (0.1, 0.125):  # round(0.4), round(0.5) (banker's rounding) of r = 4
+        with pytest.raises(ValueError, match="keeps no direction"):
+            StructLoRA(ToyModel(n_layers=1), StructLoRAConfig(r=4, target_modules=("v_proj",), graph=False,
+                                                              budget=budget, num_train_examples=8))
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.3, 0.5, 0.9])
+def test_budget_keeps_as_many_directions_as_the_adalora_peer(budget):
+    # review20: StructLoRA kept round(b·L·r) of its L·r gates, AdaLoRA round(b·r)·L (peft: target_r × layers)
+    from training.baselines import peft_config
+    pytest.importorskip("peft")
+    slora = StructLoRA(ToyModel(n_layers=6), StructLoRAConfig(r=8, alpha=16, budget=budget, num_train_examples=8))
+    phi = torch.stack([l.gate_logits for l in slora.lora_layers.values()])
+    target_r = peft_config("adalora", 8, 16, ["q_proj", "v_proj"], [], 100, budget).target_r
+    assert slora._budget_ranks(phi)[1] == target_r * len(slora.lora_layers)
+
+
+def test_non_finite_weights_are_refused():
+    for bad in (dict(beta=float("nan")), dict(beta=float("inf")), dict(budget=0.5, budget_lr=float("nan")),
+                dict(budget=0.5, budget_lr=float("inf"))):
+        with pytest.raises(ValueError):
+            StructLoRAConfig(**bad)
