@@ -18,8 +18,8 @@ import torch
 from tqdm import tqdm
 
 from training import distributed, quantize
-from training.common import (DTYPES, add_export_args, add_method_args, make_adapter, optimizer, parameter_counts,
-                             print_adapter_summary)
+from training.common import (DTYPES, add_export_args, add_method_args, check_method_args, make_adapter, optimizer,
+                             parameter_counts, print_adapter_summary)
 from training.lm_scoring import answer_logprobs, candidate_scores
 from models.hub import base_name, module_renamer
 from models.llama import OFFLINE, hf_key, load_llama, load_tokenizer, save_pretrained
@@ -52,6 +52,7 @@ def parse_args(argv=None):
     add_export_args(p)
     distributed.add_args(p)
     args = p.parse_args(argv)
+    check_method_args(p, args)
     args.given = distributed.given_flags(p, argv)  # what --resume compares
     if args.epochs < 0:
         p.error(f"--epochs {args.epochs}: must be 0 (score the base model) or more")

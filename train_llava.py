@@ -22,7 +22,8 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from training import distributed, quantize
-from training.common import DTYPES, add_export_args, add_method_args, make_adapter, optimizer, print_adapter_summary
+from training.common import (DTYPES, add_export_args, add_method_args, check_method_args, make_adapter, optimizer,
+                             print_adapter_summary)
 from training.image_data import to_pixels
 from models import llama as llama_mod
 from models import llava as llava_mod
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     add_export_args(p)
     distributed.add_args(p)
     args = p.parse_args(argv)
+    check_method_args(p, args)
     args.given = distributed.given_flags(p, argv)  # what --resume compares
     return args
 

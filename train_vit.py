@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from training import distributed
 from training.baselines import mask_directions
-from training.common import (add_export_args, add_method_args, autocast, make_adapter, optimizer, parameter_counts,
-                    print_adapter_summary)
+from training.common import (add_export_args, add_method_args, autocast, check_method_args, make_adapter, optimizer,
+                             parameter_counts, print_adapter_summary)
 from training.image_data import few_shot, load_dataset, to_pixels
 from models.hub import base_name
 from models.vit import OFFLINE, hf_module, load_vit, save_pretrained
@@ -52,6 +52,7 @@ def parse_args(argv=None):
     add_export_args(p)
     distributed.add_args(p)
     args = p.parse_args(argv)
+    check_method_args(p, args)
     args.given = distributed.given_flags(p, argv)  # what --resume compares
     return args
 

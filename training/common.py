@@ -58,6 +58,17 @@ def add_method_args(p, rank=8, baselines=False):
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
 
 
+def check_method_args(p, args):
+    """The method flags of add_method_args, refused with their name (p.error) before anything is loaded."""
+    if not 0 <= args.kl_warmup < 1:
+        p.error(f"--kl-warmup {args.kl_warmup}: the share of steps before the KL term (and a --budget) starts, "
+                "in [0, 1); to train without the KL use --beta 0")
+    for flag, value, low in (("--beta", args.beta, 0.0), ("--budget-lr", args.budget_lr, None),
+                             ("--control-lr", args.control_lr, None)):
+        if not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
+            p.error(f"{flag} {value}: must be finite and " + ("≥ 0" if low is not None else "> 0"))
+
+
 def make_adapter(model, args, total_steps, n_train, modules_to_save=()):
     """StructLoRA for the methods of METHODS; the head alone or a peft peer (training/baselines.py) otherwise."""
     if args.method in BASELINES:
