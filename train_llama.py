@@ -132,7 +132,10 @@ def main(args):
     model = base()
     quantization = quantize.summary(model, args)  # the frozen base alone, before the adapters
     model.grad_checkpointing = args.grad_checkpointing
-    slora = make_adapter(model, args, len(batches), len(train))
+    # §4: the task loss is a mean over answer tokens, so the data-set KL enters each step divided by the
+    # answer tokens of the training set (the ELBO's N), not by its examples
+    n_tokens = sum(len(encode(tok, ex, args)[1]) for ex in train)
+    slora = make_adapter(model, args, len(batches), n_tokens)
     opt, sched = optimizer(slora.param_groups(args.lr, args.control_lr, args.weight_decay), args, len(batches))
     step = distributed.restore(ckpt, slora, opt, sched, args.device) if ckpt else 0
     n_train, n_all = parameter_counts(slora)
@@ -162,7 +165,8 @@ def main(args):
     metrics = {
         "task": args.task, "split": split, "accuracy": acc, "merged_accuracy": merged_acc,
         "merged_prediction_agreement": sum(a == b for a, b in zip(picks, merged_picks)) / len(test),
-        "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(train), "n_eval": len(test),
+        "train_seconds": train_s, "eval_seconds": eval_s, "n_train": len(train), "n_train_answer_tokens": n_tokens,
+        "n_eval": len(test),
         "trainable_params": n_train, "trainable_share": n_train / n_all, "steps": len(batches),
         "world_size": distributed.world(), "quantization": quantization, "open_directions": open_dirs, "graphs": diag, "args": vars(args),
     }

@@ -276,7 +276,11 @@ def main(args):
 def stage2(model, tok, image_id, train, test, metrics, args, ckpt):
     """Projector + LoRA / StructLoRA on the decoder; evaluation adapted and merged."""
     total = math.ceil(len(train) / args.batch_size) * args.epochs
-    slora = make_adapter(model.language_model, args, total, len(train))
+    # §4: the task loss is a mean over answer tokens, so the data-set KL enters each step divided by the
+    # answer tokens of the training set (the ELBO's N), not by its examples
+    n_tokens = sum(len(encode(tok, ex, 0, image_id)[1]) for ex in train)
+    metrics["n_train_answer_tokens"] = n_tokens
+    slora = make_adapter(model.language_model, args, total, n_tokens)
     model.projector.requires_grad_(True)
     opt_params = slora.param_groups(args.lr, args.control_lr, args.weight_decay) + [
         {"params": list(model.projector.parameters()), "lr": args.projector_lr}]

@@ -66,3 +66,27 @@ def test_train_llama_epochs_0_scores_the_base_model(tmp_path, monkeypatch):
 def test_train_llama_refuses_negative_epochs():
     with pytest.raises(SystemExit):
         train_llama.parse_args(["--epochs", "-1"])
+
+
+def test_kl_is_weighted_by_the_answer_tokens_the_task_loss_averages(tmp_path, monkeypatch):
+    # review20: the task loss is a mean over answer tokens (answer + eos), so the ELBO's data-set KL enters each
+    # step as KL / (answer tokens in the training set); N = examples weighed it (mean answer length)× too much
+    from models.llama import load_tokenizer
+    tiny_llama(tmp_path / "ckpt", tied=True)
+    tiny_tokenizer(tmp_path / "ckpt")
+    args = train_llama.parse_args(["--model", str(tmp_path / "ckpt"), *boolq_args(tmp_path), "--train-samples", "0",
+                                   "--no-chat-template", "--rank", "2", "--out", str(tmp_path / "run")])
+    seen = {}
+
+    def stop(model, a, total, n, **kw):
+        seen["n"] = n
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_llama, "make_adapter", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train_llama.main(args)
+    from training.text_data import load_text_task
+    tok = load_tokenizer(args.model)
+    train, _ = load_text_task("boolq", None, args.train_file, args.eval_file)
+    tokens = sum(len(train_llama.encode(tok, ex, args)[1]) for ex in train)
+    assert tokens > len(train) and seen["n"] == tokens

@@ -89,7 +89,8 @@ def add_export_args(p):
 
 
 def structlora_config(args, total_steps, n_train, modules_to_save=()):
-    """The config of --method; n_train (the training examples of one epoch, all ranks) weighs the IB penalty."""
+    """The config of --method; n_train weighs the IB penalty (β·KL/n_train): the count the task loss is a mean
+    over, for one epoch of all ranks: training examples (train_vit), answer tokens (train_llama, train_llava)."""
     ib, graph, reg = METHODS[args.method]
     return StructLoRAConfig(
         r=args.rank, alpha=args.alpha or 2.0 * args.rank, target_modules=tuple(args.target_modules.split(",")),
