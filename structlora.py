@@ -573,7 +573,8 @@ class StructLoRA(nn.Module):
             raise ValueError(f"budget {cfg.budget} of rank {cfg.r} keeps no direction (round(budget·r) = 0 per layer): "
                              "every ΔW would be 0 at eval. Raise the budget, or set budget=0 (off)")
         device = next(iter(lora_layers.values())).lora_A.device
-        self.register_buffer("budget_lambda", torch.zeros(2, device=device))  # (λ_close, λ_open), see budget_loss
+        # (λ_close, λ_open), see budget_loss; state only in budget mode, so older state_dicts still load
+        self.register_buffer("budget_lambda", torch.zeros(2, device=device), persistent=cfg.budget > 0)
         self.requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         model.requires_grad_(False)
         for name in cfg.modules_to_save:

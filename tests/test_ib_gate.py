@@ -162,3 +162,12 @@ def test_non_finite_weights_are_refused():
                 dict(budget=0.5, budget_lr=float("inf"))):
         with pytest.raises(ValueError):
             StructLoRAConfig(**bad)
+
+
+def test_budget_multiplier_is_state_only_in_budget_mode():
+    # review20: budget_lambda was a persistent buffer of every wrapper, so a state_dict saved before budget mode
+    # existed (Lightning, accelerate, the HF Trainer) no longer loaded: "Missing key(s): budget_lambda"
+    plain = StructLoRA(ToyModel(), StructLoRAConfig(r=4, num_train_examples=8))
+    assert "budget_lambda" not in plain.state_dict()
+    budgeted = StructLoRA(ToyModel(), StructLoRAConfig(r=4, num_train_examples=8, budget=0.5))
+    assert "budget_lambda" in budgeted.state_dict()
