@@ -727,10 +727,19 @@ class StructLoRA(nn.Module):
         return [g for g in groups if g["params"]]
 
     def open_directions(self):
-        """Directions kept at eval per adapted layer: σ(φ) ≥ prune_below, or the fixed mask without IB."""
+        """Directions kept at eval per adapted layer: σ(φ) ≥ prune_below, or the fixed mask without IB. In
+        budget mode, warns when their total is not the budget's k (a run too short for the gates to travel)."""
         self._live()
-        return {n: int((torch.sigmoid(l.gate_logits) >= self.cfg.prune_below).sum()) if l.gate_logits is not None
+        kept = {n: int((torch.sigmoid(l.gate_logits) >= self.cfg.prune_below).sum()) if l.gate_logits is not None
                 else int(l.mask.sum()) for n, l in self.lora_layers.items()}
+        if self.cfg.budget > 0:
+            k = self._budget_ranks(torch.stack([l.gate_logits for l in self.lora_layers.values()]).detach())[1]
+            if sum(kept.values()) != k:
+                warnings.warn(f"budget {self.cfg.budget} keeps {k} of {self.cfg.r * len(kept)} directions open, but "
+                              f"{sum(kept.values())} are (after {self.steps} steps, {self.cfg.kl_warmup_steps} of them "
+                              "warm-up): the gates had too few steps to reach it (Adam moves φ by about the control "
+                              "lr per step)")
+        return kept
 
     @torch.no_grad()
     def diagnostics(self):

@@ -171,3 +171,12 @@ def test_budget_multiplier_is_state_only_in_budget_mode():
     assert "budget_lambda" not in plain.state_dict()
     budgeted = StructLoRA(ToyModel(), StructLoRAConfig(r=4, num_train_examples=8, budget=0.5))
     assert "budget_lambda" in budgeted.state_dict()
+
+
+def test_a_budget_not_reached_is_reported():
+    # review20: a run too short for the gates to travel (48 steps here) ended with 12 of 12 open at budget 0.25,
+    # silently, while the README said the budget holds "whatever the run length"
+    slora, opt, sched, data, batches = setup(256, budget=0.25)
+    train(slora, opt, sched, data, batches)
+    with pytest.warns(UserWarning, match="budget 0.25 keeps 3 of 12 directions open, but 12 are"):
+        slora.open_directions()
