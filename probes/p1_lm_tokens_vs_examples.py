@@ -12,3 +12,11 @@ for name, ex in [("boolq", boolq_example({"passage": "p", "question": "q", "answ
     prompt, answer = train_llama.encode(tok, ex, args)
     print(f"{name}: answer {ex['answer']!r} -> {len(answer)} tokens; task loss per token => "
           f"KL/N over-weights the ELBO by x{len(answer)}")
+try:
+    import easy_vqa
+    answers = easy_vqa.get_answers()
+    lens = [len(tok.encode(a, add_bos=False)) + 1 for a in answers]
+    print(f"easy-VQA (train_llava): {len(answers)} answers, answer+eos tokens min {min(lens)} max {max(lens)} "
+          f"mean {sum(lens) / len(lens):.2f}")
+except ImportError:
+    print("easy_vqa not installed")

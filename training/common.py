@@ -63,6 +63,11 @@ def check_method_args(p, args):
     if not 0 <= args.kl_warmup < 1:
         p.error(f"--kl-warmup {args.kl_warmup}: the share of steps before the KL term (and a --budget) starts, "
                 "in [0, 1); to train without the KL use --beta 0")
+    if not 0 <= args.budget < 1:
+        p.error(f"--budget {args.budget}: the share of directions kept open, in [0, 1) (0: off)")
+    if args.budget > 0 and args.method not in ("ib", "structlora", "adalora"):
+        p.error(f"--budget {args.budget}: --method {args.method} keeps every direction; a budget needs an IB "
+                "method (ib, structlora) or adalora")
     for flag, value, low in (("--beta", args.beta, 0.0), ("--budget-lr", args.budget_lr, None),
                              ("--control-lr", args.control_lr, None)):
         if not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
