@@ -584,6 +584,12 @@ class StructLoRA(nn.Module):
             setattr(model.get_submodule(parent), leaf, layer)
         self.lora_layers = lora_layers
 
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.budget_lambda.dtype != torch.float32:  # .to(bf16) moves it, but λ accumulates: bf16 stalls at 128
+            self.budget_lambda = self.budget_lambda.float()
+        return self
+
     def _live(self):
         if self.merged:
             raise RuntimeError("this StructLoRA wrapper was merged by merge_and_unload(); use the model it returned")

@@ -180,3 +180,13 @@ def test_a_budget_not_reached_is_reported():
     train(slora, opt, sched, data, batches)
     with pytest.warns(UserWarning, match="budget 0.25 keeps 3 of 12 directions open, but 12 are"):
         slora.open_directions()
+
+
+def test_budget_multiplier_stays_float32_when_the_wrapper_is_cast():
+    # review20: slora.to(torch.bfloat16) made λ bf16, and its dual ascent stalled at 128 (bf16's spacing there is 1)
+    slora = StructLoRA(ToyModel(n_layers=2), StructLoRAConfig(r=4, target_modules=("v_proj",), graph=False,
+                                                              budget=0.5, num_train_examples=8)).to(torch.bfloat16)
+    assert slora.budget_lambda.dtype == torch.float32
+    for _ in range(2000):
+        slora._budget_ascent()
+    assert slora.budget_lambda[0].item() > 500
