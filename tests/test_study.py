@@ -286,7 +286,7 @@ def test_budgets_runs_the_gate_first_and_masks_from_it(tmp_path, monkeypatch):
     assert "--method=adalora" in ada and "--budget=0.25" in ada
     for _, flags in calls:
         assert "--train-fraction=0.1" in flags and "--epochs=1" in flags and "--rank=8" in flags
-        assert "--lr=2e-3" in flags and "--seed=1" in flags
+        assert "--lr=2e-3" in flags and "--seed=1" in flags and "--control-lr=5e-2" in flags
     rows = study.load_rows("v2_budgets")
     assert [(r["budget"], r["method"], r["seed"]) for r in rows] == [(25, m, 1) for m in study.BUDGET_METHODS]
 
