@@ -386,10 +386,10 @@ def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
 
 # The language testbeds at the per-example gate's defaults, StructLoRA against LoRA: the decoder (SmolLM2-135M)
 # on fine-food reviews and the LLaVA-style model on easy-VQA, at r = 8, one epoch, the scripts' lr; a training
-# set of 200 steps (batch 8; a run then takes ~25 min here, one thread, two evaluations of 500 test examples
-# included), easy-VQA's stage 2 from one stage-1 projector trained on the same number of questions
-LANGUAGE = {"fine-foods": (train_llama, ["--train-samples=1600", "--eval-samples=500", "--generations=0"]),
-            "easy-vqa": (train_llava, ["--train-samples=1600", "--eval-samples=500"])}
+# set of 150 steps (batch 8; ~5.7 s a step on one thread here, so a run with its two evaluations of 300 test
+# examples takes ~17 min; 6 runs a testbed), easy-VQA's stage 2 from one stage-1 projector trained on as many
+LANGUAGE = {"fine-foods": (train_llama, ["--train-samples=1200", "--eval-samples=300", "--generations=0"]),
+            "easy-vqa": (train_llava, ["--train-samples=1200", "--eval-samples=300"])}
 
 
 def language(seeds=SEEDS, testbeds=tuple(LANGUAGE), methods=("lora", "structlora")):

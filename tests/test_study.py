@@ -256,7 +256,7 @@ def test_language_runs_both_testbeds_with_one_stage1_projector(tmp_path, monkeyp
     for out, flags in calls[5:]:
         assert "--stage=2" in flags and f"--projector={outs[4]}/projector.safetensors" in flags
     for out, flags in calls[:4] + calls[5:]:
-        assert "--rank=8" in flags and "--train-samples=1600" in flags and "--eval-samples=500" in flags
+        assert "--rank=8" in flags and "--train-samples=1200" in flags and "--eval-samples=300" in flags
         assert f"--seed={out[-1]}" in flags and f"--method={out.split('_r8_')[1].split('_seed')[0]}" in flags
     rows = study.load_rows("v2_language")
     assert sorted((r["testbed"], r["method"], r["seed"]) for r in rows) == sorted(
