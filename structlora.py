@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-BUDGET_MARGIN = 0.5  # budget mode: gates held this far (in logit) on their side of logit(prune_below)
 
 
 @dataclass
@@ -54,6 +53,7 @@ class StructLoRAConfig:
     prior: float = 0.2                # π0 < prune_below, so a direction the task does not hold open closes
     budget: float = 0.0               # 0: off; else the share of directions kept open, held by a Lagrange multiplier
     budget_lr: float = 0.1            # dual-ascent rate of its multipliers λ (per step, per nat of violation)
+    budget_margin: float = 0.5        # δ: budget mode holds the gates this far (in logit) on their side of logit(p)
     tau: float = 0.5                  # temperature of the relaxed-Bernoulli sample
     gate_init: float = 0.9            # σ(φ) at step 0: gates start open (must be ≥ prune_below)
     prune_below: float = 0.5          # at eval and merge, directions with σ(φ) below this are cut to 0
@@ -89,6 +89,8 @@ class StructLoRAConfig:
                              f"beta {self.beta}, kl_warmup_steps {self.kl_warmup_steps}")
         if not isinstance(self.num_train_examples, int) or self.num_train_examples < 0:
             raise ValueError(f"num_train_examples must be an integer ≥ 0, got {self.num_train_examples!r}")
+        if not 0 < self.budget_margin < math.inf:
+            raise ValueError(f"budget_margin must be finite and > 0, got {self.budget_margin}")
         if not 0 <= self.budget < 1 or not 0 < self.budget_lr < math.inf:
             raise ValueError(f"need 0 ≤ budget < 1 (0: off) and a finite budget_lr > 0; got budget {self.budget}, "
                              f"budget_lr {self.budget_lr}")
@@ -640,7 +642,7 @@ class StructLoRA(nn.Module):
 
     def budget_loss(self, phi):
         """[OURS] budget mode: k of the n gates open at eval (σ(φ) ≥ p, p = prune_below) means, with φ
-        sorted high to low, φ_(k) ≥ logit p > φ_(k+1). Held with a margin δ = BUDGET_MARGIN either side by
+        sorted high to low, φ_(k) ≥ logit p > φ_(k+1). Held with a margin δ = budget_margin either side by
         two Lagrange multipliers, λ ≥ 0, raised by step() while their constraint is violated:
             λ_close · Σ_{i>k} [φ_(i) − (logit p − δ)]₊  +  λ_open · Σ_{i≤k} [(logit p + δ) − φ_(i)]₊
         Only gates on the wrong side of their rank are pushed, so the task (and the KL) choose which
@@ -653,8 +655,8 @@ class StructLoRA(nn.Module):
         ranked, k = self._budget_ranks(phi)
         t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
         lam_close, lam_open = self.budget_lambda.to(phi.dtype)
-        too_open = F.relu(ranked[k:] - (t - BUDGET_MARGIN)).sum()  # gates ranked below k that are not closed
-        too_closed = F.relu((t + BUDGET_MARGIN) - ranked[:k]).sum()  # gates ranked k or above that are not open
+        too_open = F.relu(ranked[k:] - (t - self.cfg.budget_margin)).sum()  # gates ranked below k that are not closed
+        too_closed = F.relu((t + self.cfg.budget_margin) - ranked[:k]).sum()  # gates ranked k or above that are not open
         return lam_close * too_open + lam_open * too_closed
 
     def _kl_warmup(self):
@@ -701,7 +703,8 @@ class StructLoRA(nn.Module):
         t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
         strongest_closed = ranked[k] if k < len(ranked) else ranked.new_tensor(-math.inf)
         weakest_open = ranked[k - 1] if k > 0 else ranked.new_tensor(math.inf)
-        c = torch.stack([strongest_closed - (t - BUDGET_MARGIN), (t + BUDGET_MARGIN) - weakest_open])
+        δ = self.cfg.budget_margin
+        c = torch.stack([strongest_closed - (t - δ), (t + δ) - weakest_open])
         c = c.clamp(min=-1e3)  # ±inf when k is 0 or n: that side has no constraint, its λ stays 0
         self.budget_lambda.copy_((self.budget_lambda + self.cfg.budget_lr * c.to(self.budget_lambda)).clamp(min=0))
 

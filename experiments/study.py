@@ -229,6 +229,11 @@ IB_SEARCH = {"structlora": [C5], "structlora beta=0.1": ["--beta=0.1", C5], "str
              # the gates' start: at σ(φ) = 0.9 every direction is dropped in ~10% of the steps (a rank dropout LoRA
              # does not have); at 0.98 in ~2%. Judged on 300 held-out images per class, 2 seeds (--holdout 300)
              "structlora control-lr=1e-2 gate-init=0.98": ["--control-lr=1e-2", "--gate-init=0.98"],
+             # budget mode's margin δ: at δ = 0.5 the closed gates end at φ ≈ −1.05, sampled open in ~26% of the
+             # training steps and cut at eval (measured on the 25% budget run of `budgets`); at δ = 2 / 4 in 12 / 2%
+             "structlora budget=0.25": ["--budget=0.25", C5],
+             "structlora budget=0.25 margin=2": ["--budget=0.25", C5, "--budget-margin=2"],
+             "structlora budget=0.25 margin=4": ["--budget=0.25", C5, "--budget-margin=4"],
              "lora": ["--method=lora"]}
 IB_SEARCH_PERCENTS = (10, 25)
 # The paper's filter ablation at matched budgets: StructLoRA holding a share of its directions open (--budget), the

@@ -107,6 +107,19 @@ def test_budget_holds_the_share_of_open_directions_at_any_run_length(budget):
         assert abs(train_open_directions(n, budget=budget) - 12 * budget) <= 1, n
 
 
+@pytest.mark.parametrize("margin", [0.5, 2.0])
+def test_budget_holds_the_closed_gates_a_margin_below_the_cut(margin):
+    # The gates the budget closes end about δ below logit(p) = 0 (a gate at φ is sampled open in σ(φ) of the
+    # training steps and cut at eval: δ = 0.5 leaves a closed direction on in ~26% of the steps, δ = 2 in ~12%),
+    # and the open ones δ above it
+    slora, opt, sched, data, batches = setup(1024, budget=0.5, budget_margin=margin)
+    train(slora, opt, sched, data, batches)
+    phi = torch.stack([l.gate_logits for l in slora.lora_layers.values()]).flatten().sort().values
+    closed, kept = phi[:6], phi[6:]
+    assert closed.max() <= -margin + 0.1 and closed.max() >= -margin - 0.5, closed
+    assert kept.min() >= margin - 0.1, kept
+
+
 def test_budget_multiplier_survives_save_and_load(tmp_path):
     # A run saved halfway and resumed into a fresh model (adapter, optimizer and schedule states, RNG) ends
     # exactly where the uninterrupted run ends: λ is part of the adapter's training state.

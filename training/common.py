@@ -31,6 +31,8 @@ def add_method_args(p, rank=8, baselines=False):
                    help="share of directions to keep open, held by Lagrange multipliers (0: off); "
                         "with --method adalora: its target rank, round(budget·rank) per layer on average")
     p.add_argument("--budget-lr", type=float, default=d.budget_lr, help="dual-ascent rate of the budget's multipliers")
+    p.add_argument("--budget-margin", type=float, default=d.budget_margin,
+                   help="δ: gates held this far (logit) on their side of logit(prune_below)")
     p.add_argument("--prior", type=float, default=d.prior, help="IB prior π0 of an open direction")
     p.add_argument("--gate-init", type=float, default=d.gate_init, help="σ(φ) of every gate at step 0")
     p.add_argument("--tau", type=float, default=d.tau, help="Concrete temperature τ")
@@ -69,6 +71,7 @@ def check_method_args(p, args):
         p.error(f"--budget {args.budget}: --method {args.method} keeps every direction; a budget needs an IB "
                 "method (ib, structlora) or adalora")
     for flag, value, low in (("--beta", args.beta, 0.0), ("--budget-lr", args.budget_lr, None),
+                             ("--budget-margin", args.budget_margin, None),
                              ("--control-lr", args.control_lr, None)):
         if not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
             p.error(f"{flag} {value}: must be finite and " + ("≥ 0" if low is not None else "> 0"))
@@ -102,7 +105,7 @@ def structlora_config(args, total_steps, n_train, modules_to_save=()):
         modules_to_save=modules_to_save, ib=ib, graph=graph, reg=reg, reg_weight=args.reg_weight,
         coordinator=args.coordinator, graph_layers=args.graph_layers, edges=args.edges,
         gcn_activation=args.gcn_activation, beta=args.beta, ib_weighting=args.ib_weighting,
-        num_train_examples=n_train, budget=args.budget, budget_lr=args.budget_lr, prior=args.prior, tau=args.tau,
+        num_train_examples=n_train, budget=args.budget, budget_lr=args.budget_lr, budget_margin=args.budget_margin, prior=args.prior, tau=args.tau,
         gate_init=args.gate_init,
         kl_warmup_steps=int(args.kl_warmup * total_steps), kl_schedule=args.kl_schedule, eta_init=args.eta_init,
         semantic_every=args.semantic_every, semantic_topk=args.semantic_topk,
