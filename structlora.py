@@ -53,7 +53,7 @@ class StructLoRAConfig:
     prior: float = 0.2                # π0 < prune_below, so a direction the task does not hold open closes
     budget: float = 0.0               # 0: off; else the share of directions kept open, held by a Lagrange multiplier
     budget_lr: float = 0.1            # dual-ascent rate of its multipliers λ (per step, per nat of violation)
-    budget_margin: float = 0.5        # δ: budget mode holds the gates this far (in logit) on their side of logit(p)
+    budget_margin: float = 4.0        # δ: budget mode holds the gates this far (in logit) on their side of logit(p)
     tau: float = 0.5                  # temperature of the relaxed-Bernoulli sample
     gate_init: float = 0.9            # σ(φ) at step 0: gates start open (must be ≥ prune_below)
     prune_below: float = 0.5          # at eval and merge, directions with σ(φ) below this are cut to 0

@@ -248,6 +248,8 @@ BUDGET_PERCENT = 10
 BUDGET_CONTROL_LR = "5e-2"
 BUDGET_METHODS = {
     "structlora": ["--method=structlora", "--budget={budget}"],
+    # the margin δ of the first budget runs: closed gates sampled open in ~26% of the training steps (ib-search)
+    "structlora margin=0.5": ["--method=structlora", "--budget={budget}", "--budget-margin=0.5"],
     "norm mask": ["--method=graph", "--mask=norm", "--keep-from={gate_run}"],
     "random mask": ["--method=graph", "--mask=random", "--keep-from={gate_run}"],
     "adalora": ["--method=adalora", "--budget={budget}"],

@@ -277,7 +277,8 @@ def test_language_table_compares_with_lora_on_the_same_seeds():
 def test_budgets_runs_the_gate_first_and_masks_from_it(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.5, "open_directions": 96, "directions": 192})
     study.budgets(seeds=(1,), shares=(25,))
-    (gate_out, gate), (_, norm), (_, rand), (_, ada) = calls
+    (gate_out, gate), (_, gate05), (_, norm), (_, rand), (_, ada) = calls
+    assert "--budget-margin=0.5" in gate05 and "--budget=0.25" in gate05 and "--budget-margin=0.5" not in gate
     assert gate_out.endswith("/budgets/b25_r8_structlora_lr2e-3_seed1")
     assert "--method=structlora" in gate and "--budget=0.25" in gate
     assert "--method=graph" in norm and "--mask=norm" in norm and f"--keep-from={gate_out}" in norm
