@@ -231,7 +231,7 @@ IB_SEARCH = {"structlora": [C5], "structlora beta=0.1": ["--beta=0.1", C5], "str
              "structlora control-lr=1e-2 gate-init=0.98": ["--control-lr=1e-2", "--gate-init=0.98"],
              # budget mode's margin δ: at δ = 0.5 the closed gates end at φ ≈ −1.05, sampled open in ~26% of the
              # training steps and cut at eval (measured on the 25% budget run of `budgets`); at δ = 2 / 4 in 12 / 2%
-             "structlora budget=0.25": ["--budget=0.25", C5],
+             "structlora budget=0.25 margin=0.5": ["--budget=0.25", C5, "--budget-margin=0.5"],
              "structlora budget=0.25 margin=2": ["--budget=0.25", C5, "--budget-margin=2"],
              "structlora budget=0.25 margin=4": ["--budget=0.25", C5, "--budget-margin=4"],
              "lora": ["--method=lora"]}
