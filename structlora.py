@@ -633,12 +633,20 @@ class StructLoRA(nn.Module):
             loss = loss + self.budget_loss(phi)
         return loss
 
+    def _budget_k(self):
+        """k = round(budget·r)·L, the number to keep open of the n = L·r gates: round(budget·r) per layer on
+        average, the total the AdaLoRA peer keeps at this budget (peft: target_r × layers); round(budget·n)
+        differed from it whenever budget·r is not an integer."""
+        return round(self.cfg.budget * self.cfg.r) * len(self.lora_layers)
+
     def _budget_ranks(self, phi):
-        """φ of every gate sorted high to low, and k = round(budget·r)·L, the number to keep open of the
-        n = L·r gates: round(budget·r) per layer on average, the total the AdaLoRA peer keeps at this budget
-        (peft: target_r × layers); round(budget·n) differed from it whenever budget·r is not an integer."""
-        ranked = phi.flatten().sort(descending=True).values
-        return ranked, round(self.cfg.budget * self.cfg.r) * (ranked.numel() // self.cfg.r)
+        """φ of every gate sorted high to low, and k (_budget_k): the number to keep open."""
+        return phi.flatten().sort(descending=True).values, self._budget_k()
+
+    def _budget_bounds(self):
+        """(logit p − δ, logit p + δ): where budget mode holds the closed and the open gates."""
+        t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
+        return t - self.cfg.budget_margin, t + self.cfg.budget_margin
 
     def budget_loss(self, phi):
         """[OURS] budget mode: k of the n gates open at eval (σ(φ) ≥ p, p = prune_below) means, with φ
@@ -653,10 +661,10 @@ class StructLoRA(nn.Module):
         if self.steps < self.cfg.kl_warmup_steps:
             return phi.new_zeros(())
         ranked, k = self._budget_ranks(phi)
-        t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
+        closed_below, open_above = self._budget_bounds()
         lam_close, lam_open = self.budget_lambda.to(phi.dtype)
-        too_open = F.relu(ranked[k:] - (t - self.cfg.budget_margin)).sum()  # gates ranked below k that are not closed
-        too_closed = F.relu((t + self.cfg.budget_margin) - ranked[:k]).sum()  # gates ranked k or above that are not open
+        too_open = F.relu(ranked[k:] - closed_below).sum()  # gates ranked below k that are not closed
+        too_closed = F.relu(open_above - ranked[:k]).sum()  # gates ranked k or above that are not open
         return lam_close * too_open + lam_open * too_closed
 
     def _kl_warmup(self):
@@ -700,11 +708,10 @@ class StructLoRA(nn.Module):
         which every DDP rank holds the same, so λ is the same on every rank."""
         phi = torch.cat([l.gate_logits for l in self.lora_layers.values()]).float()
         ranked, k = self._budget_ranks(phi)
-        t = math.log(self.cfg.prune_below / (1 - self.cfg.prune_below))
+        closed_below, open_above = self._budget_bounds()
         strongest_closed = ranked[k] if k < len(ranked) else ranked.new_tensor(-math.inf)
         weakest_open = ranked[k - 1] if k > 0 else ranked.new_tensor(math.inf)
-        δ = self.cfg.budget_margin
-        c = torch.stack([strongest_closed - (t - δ), (t + δ) - weakest_open])
+        c = torch.stack([strongest_closed - closed_below, open_above - weakest_open])
         c = c.clamp(min=-1e3)  # ±inf when k is 0 or n: that side has no constraint, its λ stays 0
         self.budget_lambda.copy_((self.budget_lambda + self.cfg.budget_lr * c.to(self.budget_lambda)).clamp(min=0))
 
@@ -742,7 +749,7 @@ class StructLoRA(nn.Module):
         kept = {n: int((torch.sigmoid(l.gate_logits) >= self.cfg.prune_below).sum()) if l.gate_logits is not None
                 else int(l.mask.sum()) for n, l in self.lora_layers.items()}
         if self.cfg.budget > 0:
-            k = self._budget_ranks(torch.stack([l.gate_logits for l in self.lora_layers.values()]).detach())[1]
+            k = self._budget_k()
             if sum(kept.values()) != k:
                 warnings.warn(f"budget {self.cfg.budget} keeps {k} of {self.cfg.r * len(kept)} directions open, but "
                               f"{sum(kept.values())} are (after {self.steps} steps, {self.cfg.kl_warmup_steps} of them "

@@ -105,8 +105,8 @@ def structlora_config(args, total_steps, n_train, modules_to_save=()):
         modules_to_save=modules_to_save, ib=ib, graph=graph, reg=reg, reg_weight=args.reg_weight,
         coordinator=args.coordinator, graph_layers=args.graph_layers, edges=args.edges,
         gcn_activation=args.gcn_activation, beta=args.beta, ib_weighting=args.ib_weighting,
-        num_train_examples=n_train, budget=args.budget, budget_lr=args.budget_lr, budget_margin=args.budget_margin, prior=args.prior, tau=args.tau,
-        gate_init=args.gate_init,
+        num_train_examples=n_train, budget=args.budget, budget_lr=args.budget_lr, budget_margin=args.budget_margin,
+        prior=args.prior, tau=args.tau, gate_init=args.gate_init,
         kl_warmup_steps=int(args.kl_warmup * total_steps), kl_schedule=args.kl_schedule, eta_init=args.eta_init,
         semantic_every=args.semantic_every, semantic_topk=args.semantic_topk,
         semantic_threshold=args.semantic_threshold, seed=args.seed)
