@@ -21,6 +21,7 @@ so every method gets the same data, steps and learning rates. Runs are resumable
 runs/study/.../metrics.json exists is read back, not repeated. Results: experiments/results/study/*.json.
 """
 import argparse
+import datetime
 import fcntl
 import json
 import math
@@ -64,7 +65,17 @@ VARIANTS = {
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS, RUNS = os.path.join(HERE, "results", "study"), "runs/study"
 RESULTS_MD = os.path.join(HERE, "README.md")  # its <!-- v2_* --> blocks are rewritten by `report`
-STOP_AT = None  # "HH:MM": start no new training run after this time of day (--stop-at)
+STOP_AT = None  # seconds since the epoch: start no new training run after this (--stop-at HH:MM)
+
+
+def stop_deadline(hhmm, now):
+    """The next time after `now` (seconds since the epoch) that the local clock reads HH:MM."""
+    try:
+        h, m = (int(x) for x in hhmm.split(":")) if len(hhmm) == 5 and hhmm[2] == ":" else (None, None)
+        at = datetime.datetime.fromtimestamp(now).replace(hour=h, minute=m, second=0, microsecond=0)
+    except (TypeError, ValueError):
+        raise ValueError(f"--stop-at wants a time of day HH:MM, got {hhmm!r}") from None
+    return (at if at.timestamp() > now else at + datetime.timedelta(days=1)).timestamp()
 
 
 def run(script, out, flags, reduce=None):
@@ -75,8 +86,8 @@ def run(script, out, flags, reduce=None):
     if os.path.isfile(path):
         with open(path) as f:
             return reduce(json.load(f), None, out)
-    if STOP_AT and time.strftime("%H:%M") >= STOP_AT:
-        raise SystemExit(f"--stop-at {STOP_AT}: not starting {out}")
+    if STOP_AT and time.time() >= STOP_AT:
+        raise SystemExit(f"--stop-at {time.strftime('%H:%M', time.localtime(STOP_AT))}: not starting {out}")
     resume = [f"--resume={out}"] if os.path.isfile(os.path.join(out, "checkpoint.pt")) else []
     t0 = time.time()
     m = script.main(script.parse_args(flags + [f"--out={out}", *resume]))
@@ -332,9 +343,11 @@ def peers(seeds=SEEDS, sizes=(50, 10), methods=PEER_METHODS):
                 record("v2_peers", {"size": size, "method": method, "lr": lr, "seed": seed, **m}, ("size", "method", "seed"))
 
 
-def table6(seeds=SEEDS):
+def table6(seeds=SEEDS, variants=None):
+    if unknown := set(variants or ()) - set(TABLE6):
+        raise ValueError(f"no Table 6 variant {sorted(unknown)}; there are {list(TABLE6)}")
     shared = ("lora", "structlora (smooth T=1, hybrid)")  # the peers part trains these too: last, so that two
-    for name in sorted(TABLE6, key=lambda n: n in shared):  # studies side by side do not train them twice
+    for name in sorted(variants or TABLE6, key=lambda n: n in shared):  # studies side by side do not train them twice
         flags = TABLE6[name]
         for seed in seeds:
             record("v2_table6", {"variant": name, "seed": seed, **vit_n50(flags, name, seed)}, ("variant", "seed"))
@@ -1046,21 +1059,21 @@ if __name__ == "__main__":
     p.add_argument("--sizes", type=int, nargs="+", default=[50, 10], help="peers: images per class")
     p.add_argument("--percents", type=int, nargs="+", default=None,
                    help="fractions (default 10 25 100), ib-search (default 10 25): %% of the training set")
-    p.add_argument("--methods", nargs="+", default=None, help="peers, fractions, ib-search, language: only these methods/variants")
+    p.add_argument("--methods", nargs="+", default=None, help="peers, table6, fractions, ib-search, language: only these methods/variants")
     p.add_argument("--samples", type=int, nargs="+", default=list(GT_N), help="groundtruth: training samples")
     p.add_argument("--testbeds", nargs="+", choices=list(LANGUAGE), default=None, help="language: only these")
     p.add_argument("--holdout", type=int, default=100, help="ib-search: held-out training images per class")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 when two studies run side by side)")
     p.add_argument("--stop-at", default=None, help="HH:MM: start no new training run after this time of day")
     args = p.parse_args()
-    STOP_AT = args.stop_at
+    STOP_AT = args.stop_at and stop_deadline(args.stop_at, time.time())
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = tuple(args.seeds or ((0,) if args.part in ("lr", "fraction-lr", "ib-search", "budgets") else SEEDS))
     parts = {"vit": lambda: vit_grid(seeds), "filter": lambda: vit_filter(seeds), "investigate": lambda: investigate(seeds),
              "llama": lambda: llama(seeds), "lr": lambda: lr_search(seeds),
              "peers": lambda: peers(seeds, args.sizes, args.methods or PEER_METHODS),
-             "table6": lambda: table6(seeds), "fraction-lr": lambda: fraction_lr_search(seeds),
+             "table6": lambda: table6(seeds, args.methods), "fraction-lr": lambda: fraction_lr_search(seeds),
              "ib-search": lambda: ib_search(seeds, args.percents or IB_SEARCH_PERCENTS, args.methods, args.holdout),
              "fractions": lambda: fractions(seeds, args.percents or PERCENTS, args.methods),
              "budgets": lambda: budgets(seeds, args.budgets or BUDGETS),

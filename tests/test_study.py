@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -307,3 +308,25 @@ def test_budgets_table_reports_accuracy_and_the_budget_reached():
     assert "| 50% | structlora | 90.00 ± 0.00 |  |  | 97 / 192 (50.5%) | 0,1 |" in text
     assert "random mask" not in text and [name for name, _ in tests] == ["norm mask at a 25% budget",
                                                                           "adalora at a 25% budget"]
+
+
+def test_stop_at_is_the_next_time_the_clock_reads_it():
+    # started at 23:15 with --stop-at 01:55: stop 2 h 40 min later (not at once, as comparing "23:15" >= "01:55" did)
+    now = time.mktime((2026, 12, 1, 23, 15, 0, 0, 0, -1))
+    assert study.stop_deadline("01:55", now) - now == pytest.approx((2 * 60 + 40) * 60, abs=3600)  # ±1 h: DST
+    assert study.stop_deadline("23:45", now) - now == pytest.approx(30 * 60)
+    assert 0 < study.stop_deadline("23:15", now + 1) - now <= 24 * 3600 + 3600  # just passed: tomorrow
+    for bad in ("25:00", "1:5x", "0155"):
+        with pytest.raises(ValueError, match="HH:MM"):
+            study.stop_deadline(bad, now)
+
+
+def test_table6_runs_only_the_variants_asked_for(tmp_path, monkeypatch):
+    calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.5})
+    study.table6(seeds=(2,), variants=("gcn T=2", "structlora (smooth T=1, hybrid)"))
+    (out_a, a), (out_b, b) = calls  # the shared variant last, as with every variant
+    assert out_a.endswith("/n50_r8_gcn_T2_seed2") and "--coordinator=gcn" in a and "--graph-layers=2" in a
+    assert out_b.endswith("/n50_r8_structlora_seed2") and "--method=structlora" in b and "--seed=2" in b
+    assert sorted(r["variant"] for r in study.load_rows("v2_table6")) == ["gcn T=2", "structlora (smooth T=1, hybrid)"]
+    with pytest.raises(ValueError, match="gcn T=9"):
+        study.table6(seeds=(0,), variants=("gcn T=9",))
