@@ -405,23 +405,26 @@ def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
 
 
 # The language testbeds at the per-example gate's defaults, StructLoRA against LoRA: the decoder (SmolLM2-135M)
-# on fine-food reviews and the LLaVA-style model on easy-VQA, at r = 8, one epoch, the scripts' lr; a training
-# set of 150 steps (batch 8; ~5.7 s a step on one thread here, so a run with its two evaluations of 300 test
-# examples takes ~17 min; 6 runs a testbed), easy-VQA's stage 2 from one stage-1 projector trained on as many
+# on fine-food reviews and the LLaVA-style model on easy-VQA, at r = 8, one epoch, the scripts' lr, batch 8, each
+# at the largest training set whose 6 runs fit a session on these 2 cores: fine-foods 150 steps (~5.7 s a step on
+# one thread, ~17 min a run with its two evaluations of 300 test examples), easy-VQA 400 steps (~2.6 s a step,
+# ~20 min a run), its stage 2 from one stage-1 projector trained for 150 steps (1200 examples, seed 0)
 LANGUAGE = {"fine-foods": (train_llama, ["--train-samples=1200", "--eval-samples=300", "--generations=0"]),
-            "easy-vqa": (train_llava, ["--train-samples=1200", "--eval-samples=300"])}
+            "easy-vqa": (train_llava, ["--train-samples=3200", "--eval-samples=300"])}
 
 
 def language(seeds=SEEDS, testbeds=tuple(LANGUAGE), methods=("lora", "structlora")):
     for testbed in testbeds:
         script, flags = LANGUAGE[testbed]
+        n = [f for f in flags if f.startswith("--train-samples=")][0].split("=")[1]
         if script is train_llava:  # one stage-1 projector (seed 0) shared by every stage-2 run
             stage1 = f"{V2}/language/{testbed}_stage1"
-            run(script, stage1, [*flags, "--stage=1", "--eval-samples=200", "--save-every=50"], lambda *a: None)
+            run(script, stage1, [*flags, "--stage=1", "--train-samples=1200", "--eval-samples=200", "--save-every=50"],
+                lambda *a: None)
             flags = [*flags, "--stage=2", f"--projector={stage1}/projector.safetensors"]
         for method in methods:
             for seed in seeds:
-                out = f"{V2}/language/{testbed}_r8_{method}_seed{seed}"
+                out = f"{V2}/language/{testbed}_n{n}_r8_{method}_seed{seed}"
                 m = run(script, out, [*flags, *R8, "--save-every=50", f"--method={method}", f"--seed={seed}"],
                         summarize_language)
                 record("v2_language", {"testbed": testbed, "method": method, "seed": seed, **m},

@@ -247,17 +247,23 @@ def test_ib_search_records_the_held_out_size(tmp_path, monkeypatch):
     assert sorted(r["holdout_per_class"] for r in rows) == [100, 300]
 
 
+def last_flag(flags, name):  # argparse: the last occurrence wins
+    return [f.split("=", 1)[1] for f in flags if f.startswith(name + "=")][-1]
+
+
 def test_language_runs_both_testbeds_with_one_stage1_projector(tmp_path, monkeypatch):
     calls = fake_runs(monkeypatch, tmp_path, {"accuracy": 0.6, "open_directions": 240, "directions": 240})
     study.language(seeds=(0, 1), methods=("lora", "structlora"))
     outs = [out for out, _ in calls]
     assert len(calls) == 4 + 1 + 4 and outs[4].endswith("/language/easy-vqa_stage1")
-    assert "--stage=1" in calls[4][1] and outs[:4] == [f"{study.V2}/language/fine-foods_r8_{m}_seed{s}"
+    assert "--stage=1" in calls[4][1] and outs[:4] == [f"{study.V2}/language/fine-foods_n1200_r8_{m}_seed{s}"
                                                       for m in ("lora", "structlora") for s in (0, 1)]
+    assert last_flag(calls[4][1], "--train-samples") == "1200"  # the projector: 150 steps, as fine-foods' runs
     for out, flags in calls[5:]:
         assert "--stage=2" in flags and f"--projector={outs[4]}/projector.safetensors" in flags
+        assert "/easy-vqa_n3200_r8_" in out and last_flag(flags, "--train-samples") == "3200"  # 400 steps
     for out, flags in calls[:4] + calls[5:]:
-        assert "--rank=8" in flags and "--train-samples=1200" in flags and "--eval-samples=300" in flags
+        assert "--rank=8" in flags and "--eval-samples=300" in flags
         assert f"--seed={out[-1]}" in flags and f"--method={out.split('_r8_')[1].split('_seed')[0]}" in flags
     rows = study.load_rows("v2_language")
     assert sorted((r["testbed"], r["method"], r["seed"]) for r in rows) == sorted(
