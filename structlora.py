@@ -587,9 +587,11 @@ class StructLoRA(nn.Module):
         self.lora_layers = lora_layers
 
     def _apply(self, fn, *args, **kwargs):
+        lam = self.budget_lambda
         super()._apply(fn, *args, **kwargs)
-        if self.budget_lambda.dtype != torch.float32:  # .to(bf16) moves it, but λ accumulates: bf16 stalls at 128
-            self.budget_lambda = self.budget_lambda.float()
+        if self.budget_lambda.dtype != torch.float32:  # .to(bf16) moves it, but λ accumulates: bf16 stalls at 128,
+            # and the cast itself rounds it (fp16: inf above 65504): λ keeps its float32 value, on the new device
+            self.budget_lambda = lam.to(self.budget_lambda.device, torch.float32)
         return self
 
     def _live(self):

@@ -203,3 +203,17 @@ def test_budget_multiplier_stays_float32_when_the_wrapper_is_cast():
     for _ in range(2000):
         slora._budget_ascent()
     assert slora.budget_lambda[0].item() > 500
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_budget_multiplier_keeps_its_value_when_the_wrapper_is_cast(dtype):
+    # review-margin: the cast rounded λ before _apply made it float32 again (bf16: 123.456 → 123.5; fp16: λ above
+    # 65504 → inf, and the budget's loss inf from then on). A cast mid-run must leave λ as it was, to the bit
+    slora = StructLoRA(ToyModel(n_layers=2), StructLoRAConfig(r=4, target_modules=("v_proj",), graph=False,
+                                                              budget=0.5, num_train_examples=8))
+    lam = torch.tensor([123.456, 70000.1], dtype=torch.float32)
+    slora.budget_lambda.copy_(lam)
+    slora.to(dtype)
+    assert slora.budget_lambda.dtype == torch.float32 and torch.equal(slora.budget_lambda, lam)
+    slora.float()
+    assert torch.equal(slora.budget_lambda, lam)
