@@ -34,6 +34,9 @@ import torch.nn.functional as F
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# the largest budget_margin: σ(±50) is 0 or 1 in float32 already (bernoulli_kl clamps φ there), and λ·violation
+# grows as δ², so a larger δ only overflows the budget's loss (δ = 1e30: inf, and no gate moves)
+MAX_BUDGET_MARGIN = 50.0
 
 
 @dataclass
@@ -89,8 +92,9 @@ class StructLoRAConfig:
                              f"beta {self.beta}, kl_warmup_steps {self.kl_warmup_steps}")
         if not isinstance(self.num_train_examples, int) or self.num_train_examples < 0:
             raise ValueError(f"num_train_examples must be an integer ≥ 0, got {self.num_train_examples!r}")
-        if not 0 < self.budget_margin < math.inf:
-            raise ValueError(f"budget_margin must be finite and > 0, got {self.budget_margin}")
+        if not 0 < self.budget_margin <= MAX_BUDGET_MARGIN:
+            raise ValueError(f"budget_margin must lie in (0, {MAX_BUDGET_MARGIN:g}] (a logit: σ(±50) is 0 or 1 in "
+                             f"float32, a larger one overflows the budget's loss), got {self.budget_margin}")
         if not 0 <= self.budget < 1 or not 0 < self.budget_lr < math.inf:
             raise ValueError(f"need 0 ≤ budget < 1 (0: off) and a finite budget_lr > 0; got budget {self.budget}, "
                              f"budget_lr {self.budget_lr}")

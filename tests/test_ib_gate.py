@@ -170,6 +170,19 @@ def test_budget_keeps_as_many_directions_as_the_adalora_peer(budget):
     assert slora._budget_ranks(phi)[1] == target_r * len(slora.lora_layers)
 
 
+def test_a_margin_that_overflows_float32_is_refused():
+    # review-margin: budget_margin=1e30 was accepted ("finite and > 0"); λ grows by budget_lr·δ a step and the
+    # violation is ~δ, so λ·violation overflowed: the loss was inf from the first budget step, Adam's second
+    # moment inf, no gate moved (12 of 12 open at budget 0.5 on the toy); at 1e38 every φ became NaN
+    for margin in (1e30, 1e38, 50.5):
+        with pytest.raises(ValueError, match="budget_margin"):
+            StructLoRAConfig(budget=0.5, budget_margin=margin)
+    for margin in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="budget_margin"):
+            StructLoRAConfig(budget=0.5, budget_margin=margin)
+    StructLoRAConfig(budget=0.5, budget_margin=50.0)
+
+
 def test_non_finite_weights_are_refused():
     for bad in (dict(beta=float("nan")), dict(beta=float("inf")), dict(budget=0.5, budget_lr=float("nan")),
                 dict(budget=0.5, budget_lr=float("inf"))):

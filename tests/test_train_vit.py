@@ -146,7 +146,8 @@ def test_filter_baseline_keeps_as_many_directions_as_the_ib_run(tiny, tmp_path, 
 @pytest.mark.parametrize("script", ["train_vit", "train_llama", "train_llava"])
 @pytest.mark.parametrize("bad", [["--kl-warmup", "1"], ["--kl-warmup", "3"], ["--kl-warmup", "-0.005"],
                                  ["--beta", "nan"], ["--budget-lr", "nan"], ["--control-lr", "0"],
-                                 ["--control-lr", "inf"], ["--budget", "1"], ["--budget", "0.5", "--method", "lora"]])
+                                 ["--control-lr", "inf"], ["--budget", "1"], ["--budget", "0.5", "--method", "lora"],
+                                 ["--budget-margin", "0"], ["--budget-margin", "nan"], ["--budget-margin", "1e30"]])
 def test_method_flags_are_refused_before_anything_loads(script, bad, capsys):
     # review20: --kl-warmup ≥ 1 silently never turned the KL (and the budget) on, -0.005 was read as 0, nan
     # weights trained on NaN; all went through argparse and most through StructLoRAConfig

@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import torch
 
 from training.baselines import BASELINES
-from structlora import StructLoRA, StructLoRAConfig
+from structlora import MAX_BUDGET_MARGIN, StructLoRA, StructLoRAConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype of a frozen base
 # --method -> (ib, graph, reg): the paper's four ablation rows and the appendix's two static baselines
@@ -75,6 +75,9 @@ def check_method_args(p, args):
                              ("--control-lr", args.control_lr, None)):
         if not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
             p.error(f"{flag} {value}: must be finite and " + ("≥ 0" if low is not None else "> 0"))
+    if args.budget_margin > MAX_BUDGET_MARGIN:
+        p.error(f"--budget-margin {args.budget_margin}: at most {MAX_BUDGET_MARGIN:g} (a logit: σ(±50) is 0 or 1 "
+                "in float32, a larger margin overflows the budget's loss)")
 
 
 def make_adapter(model, args, total_steps, n_train, modules_to_save=()):
