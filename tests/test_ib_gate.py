@@ -120,6 +120,55 @@ def test_budget_holds_the_closed_gates_a_margin_below_the_cut(margin):
     assert kept.min() >= margin - 0.1, kept
 
 
+def budget_reference(phi, k, cut, margin, lam):
+    """The budget's Lagrangian and the next λ by hand, in float64: φ ranked high to low, the k first held
+    above cut + δ, the rest below cut − δ; c is the worst violation on each side."""
+    ranked = sorted(phi, reverse=True)
+    too_open = sum(max(0.0, v - (cut - margin)) for v in ranked[k:])
+    too_closed = sum(max(0.0, (cut + margin) - v) for v in ranked[:k])
+    c = (ranked[k] - (cut - margin), (cut + margin) - ranked[k - 1])
+    return lam[0] * too_open + lam[1] * too_closed, [max(0.0, l + 0.1 * ci) for l, ci in zip(lam, c)]
+
+
+@pytest.mark.parametrize("prune_below,margin", [(0.5, 4.0), (0.5, 0.5), (0.8, 2.0), (0.3, 1.0)])
+def test_budget_loss_and_multiplier_step_match_a_hand_computation(prune_below, margin):
+    # review-margin: no test read budget_loss or the dual step directly; holding k + 1 gates open, the wrong
+    # rank in the ascent, or δ ignored on the open side passed every budget test
+    import math
+    slora = StructLoRA(ToyModel(n_layers=3), StructLoRAConfig(
+        r=4, target_modules=("v_proj",), graph=False, budget=0.5, budget_margin=margin, prune_below=prune_below,
+        gate_init=0.95, prior=0.1, num_train_examples=8, kl_warmup_steps=2))
+    cut = math.log(prune_below / (1 - prune_below))
+    values = [cut + 0.3, cut - 0.2, cut + margin + 1, cut - margin - 1, cut, cut,  # ties on the cut and off it
+              cut + 0.3, cut - 3.1, cut + 2.2, cut - 0.2, cut + 0.9, cut - margin + 0.4]
+    with torch.no_grad():
+        for i, layer in enumerate(slora.lora_layers.values()):
+            layer.gate_logits.copy_(torch.tensor(values[4 * i:4 * i + 4]))
+    phi64 = [float(v) for l in slora.lora_layers.values() for v in l.gate_logits.detach()]  # as float32 holds them
+    lam = [1.3, 0.7]
+    slora.budget_lambda.copy_(torch.tensor(lam))
+    phi = torch.stack([l.gate_logits for l in slora.lora_layers.values()])
+    slora.step()  # step 1 < kl_warmup_steps: neither the loss nor λ moves
+    assert slora.budget_loss(phi).item() == 0.0 and slora.budget_lambda.tolist() == pytest.approx(lam)
+    slora.step()  # step 2: the loss is on; λ takes its first step after it
+    loss, lam_next = budget_reference(phi64, 6, cut, margin, lam)
+    got = slora.budget_loss(phi)
+    assert got.item() == pytest.approx(loss, rel=1e-6)
+    grad, = torch.autograd.grad(got, phi)  # ∂/∂φ_i: λ_close on a too-open gate ranked below k, −λ_open above
+    ranked = sorted(range(12), key=lambda i: -phi64[i])
+    expected = [0.0] * 12
+    for pos, i in enumerate(ranked):
+        if pos >= 6 and phi64[i] > cut - margin:
+            expected[i] = lam[0]
+        elif pos < 6 and phi64[i] < cut + margin:
+            expected[i] = -lam[1]
+    for v in set(phi64):  # gates tied in φ (the two on the cut straddle rank k) may take either rank
+        tied = [i for i in range(12) if phi64[i] == v]
+        assert sorted(grad.flatten()[tied].tolist()) == pytest.approx(sorted(expected[i] for i in tied)), v
+    slora.step()
+    assert slora.budget_lambda.tolist() == pytest.approx(lam_next, rel=1e-6)
+
+
 def test_budget_multiplier_survives_save_and_load(tmp_path):
     # A run saved halfway and resumed into a fresh model (adapter, optimizer and schedule states, RNG) ends
     # exactly where the uninterrupted run ends: λ is part of the adapter's training state.
@@ -205,6 +254,12 @@ def test_a_budget_not_reached_is_reported():
     slora, opt, sched, data, batches = setup(256, budget=0.25)
     train(slora, opt, sched, data, batches)
     with pytest.warns(UserWarning, match="budget 0.25 keeps 3 of 12 directions open, but 12 are"):
+        slora.open_directions()
+    with torch.no_grad():  # and a run that closed too many
+        for layer in slora.lora_layers.values():
+            layer.gate_logits.fill_(-1.0)
+        next(iter(slora.lora_layers.values())).gate_logits[0] = 1.0
+    with pytest.warns(UserWarning, match="budget 0.25 keeps 3 of 12 directions open, but 1 are"):
         slora.open_directions()
 
 
