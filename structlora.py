@@ -37,6 +37,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 # the largest budget_margin: σ(±50) is 0 or 1 in float32 already (bernoulli_kl clamps φ there), and λ·violation
 # grows as δ², so a larger δ only overflows the budget's loss (δ = 1e30: inf, and no gate moves)
 MAX_BUDGET_MARGIN = 50.0
+LEGACY_BUDGET_MARGIN = 0.5  # budget mode's δ, a constant, in saves written before budget_margin was a field
 
 
 @dataclass
@@ -132,6 +133,14 @@ class StructLoRAConfig:
             raise ValueError("need 0 ≤ sketch_ema < 1 and -1 ≤ semantic_threshold < 1 (a cosine)")
         if self.graph and self.edges == "semantic" and (self.semantic_every == 0 or self.semantic_topk == 0):
             raise ValueError("edges='semantic' with semantic_every=0 or semantic_topk=0 never builds an edge")
+
+
+def saved_config(config):
+    """The StructLoRAConfig of a saved adapter's config dict. A budget-mode save written before budget_margin
+    was a field trained at δ = LEGACY_BUDGET_MARGIN, not at today's default: it keeps that δ."""
+    if config.get("budget", 0) > 0 and "budget_margin" not in config:
+        config = {**config, "budget_margin": LEGACY_BUDGET_MARGIN}
+    return StructLoRAConfig(**config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -848,7 +857,7 @@ class StructLoRA(nn.Module):
         if meta["layers"] != self._shapes():
             diff = sorted(set(map(str, meta["layers"].items())) ^ set(map(str, self._shapes().items())))
             raise ValueError(f"adapter was trained on other layers/shapes: {diff[:8]}")
-        saved = StructLoRAConfig(**meta["config"])
+        saved = saved_config(meta["config"])
         if saved != self.cfg:
             diff = {k: (v, getattr(self.cfg, k)) for k, v in asdict(saved).items() if v != getattr(self.cfg, k)}
             raise ValueError(f"adapter has another config (saved, ours): {diff}; "
@@ -902,7 +911,7 @@ class StructLoRA(nn.Module):
     @classmethod
     def from_pretrained(cls, model, path, coordinator=None, process_group=None):
         """Builds StructLoRA on `model` with the saved config, then loads the saved adapter."""
-        slora = cls(model, StructLoRAConfig(**read_adapter_config(path)["config"]), coordinator, process_group)
+        slora = cls(model, saved_config(read_adapter_config(path)["config"]), coordinator, process_group)
         try:
             slora.load_adapter(path)
         except BaseException:

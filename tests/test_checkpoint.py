@@ -183,3 +183,19 @@ def test_resume_compares_resolved_paths_and_only_the_flags_given(tiny, tmp_path,
     given = train_vit.parse_args(["--resume", str(tmp_path / "a"), "--bf16", "--rank", "2"])
     with pytest.raises(ValueError, match=r"--bf16 False \(this run: True\)"):
         distributed.load_checkpoint(given)  # a flag the user did pass is compared
+
+
+def test_resume_of_a_budget_run_saved_before_the_margin_was_a_field_keeps_its_margin(tiny, tmp_path):
+    # review-margin: a checkpoint written before --budget-margin existed trained at δ = 0.5 (then a constant);
+    # `--resume RUN` alone took today's default 4 and continued the run at another δ
+    from training import distributed
+    run(tiny, tmp_path / "a", "--method", "ib", "--budget", "0.5", "--epochs", "1", "--save-every", "0")
+    ckpt = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["budget_margin"] == 4.0
+    del ckpt["args"]["budget_margin"]  # as written before the flag existed
+    torch.save(ckpt, tmp_path / "a" / "checkpoint.pt")
+    args = train_vit.parse_args(["--resume", str(tmp_path / "a")])
+    distributed.load_checkpoint(args)
+    assert args.budget_margin == 0.5
+    with pytest.raises(ValueError, match=r"--budget-margin 0.5 \(this run: 4.0\)"):
+        distributed.load_checkpoint(train_vit.parse_args(["--resume", str(tmp_path / "a"), "--budget-margin", "4"]))

@@ -191,6 +191,31 @@ def test_budget_multiplier_survives_save_and_load(tmp_path):
         assert torch.equal(second.lora_layers[name].gate_logits, layer.gate_logits), name
 
 
+def test_an_adapter_saved_before_the_margin_was_a_field_keeps_its_margin(tmp_path):
+    # review-margin: budget mode held its gates a constant 0.5 from the cut before budget_margin existed; such a
+    # save has no budget_margin, took today's default (4) and resumed training with another δ, silently
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    cfg = dict(r=4, target_modules=("v_proj",), graph=False, budget=0.5, num_train_examples=8)
+    StructLoRA(ToyModel(n_layers=2), StructLoRAConfig(**cfg, budget_margin=0.5)).save_adapter(tmp_path)
+    meta = json.loads((tmp_path / "adapter_config.json").read_text())
+    del meta["config"]["budget_margin"]  # as written before the field existed
+    (tmp_path / "adapter_config.json").write_text(json.dumps(meta))
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"structlora": json.dumps(meta)})
+    assert StructLoRA.from_pretrained(ToyModel(n_layers=2), tmp_path).cfg.budget_margin == 0.5
+    StructLoRA(ToyModel(n_layers=2), StructLoRAConfig(**cfg, budget_margin=0.5)).load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="budget_margin"):  # not into a wrapper at another δ
+        StructLoRA(ToyModel(n_layers=2), StructLoRAConfig(**cfg)).load_adapter(tmp_path)
+    plain = dict(cfg, budget=0.0)  # without a budget δ plays no part: such a save loads at today's default
+    StructLoRA(ToyModel(n_layers=2), StructLoRAConfig(**plain)).save_adapter(tmp_path / "plain")
+    meta = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert StructLoRAConfig(**{k: v for k, v in meta["config"].items() if k != "budget_margin"}) == \
+        StructLoRA.from_pretrained(ToyModel(n_layers=2), tmp_path / "plain").cfg
+
+
 def test_budget_needs_the_ib_gate():
     with pytest.raises(ValueError, match="ib=True"):
         StructLoRAConfig(ib=False, budget=0.5)

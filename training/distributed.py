@@ -169,9 +169,9 @@ def merge(adapter, args, fresh_base):
     fresh unsharded base built by `fresh_base()` instead (no gradients, no optimizer: inference memory)."""
     if not args.fsdp:
         return adapter.merge_and_unload()
-    from structlora import StructLoRA, StructLoRAConfig
+    from structlora import StructLoRA, saved_config
     tensors, meta = adapter.adapter_state()
-    fresh = StructLoRA(fresh_base(), StructLoRAConfig(**meta["config"]))
+    fresh = StructLoRA(fresh_base(), saved_config(meta["config"]))
     fresh.load_adapter_state(tensors, meta)
     return fresh.merge_and_unload()
 
@@ -227,6 +227,9 @@ def load_checkpoint(args):
         raise FileNotFoundError(f"--resume {args.resume}: no {CHECKPOINT} there")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ours, saved = vars(args), ckpt["args"]
+    if saved.get("budget", 0) > 0 and "budget_margin" not in saved:  # written before --budget-margin existed
+        from structlora import LEGACY_BUDGET_MARGIN
+        saved = {**saved, "budget_margin": LEGACY_BUDGET_MARGIN}  # the δ it trained at, not today's default
     given = set(ours.get("given", ours))  # without a record of the given flags (args built in code): all
     compared = [k for k in sorted(set(saved) | set(ours)) if k not in FREE_ON_RESUME and k in given]
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {ours.get(k)!r})"
