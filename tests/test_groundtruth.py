@@ -81,3 +81,14 @@ def test_main_runs(tmp_path, method):
                                "--steps", "20", "--n-test", "64", "--out", str(tmp_path)]))
     assert 0 < m["test_loss"] < 1.5 and m["relative_error"] > 0 and 0 <= m["subspace_angle"] <= 90
     assert (tmp_path / "metrics.json").is_file()
+
+
+def test_kl_is_divided_by_the_count_the_mse_averages(tmp_path, monkeypatch):
+    # F.mse_loss is a mean over n_train × dim outputs, so the data-set KL enters each step as KL/(n_train·dim)
+    # (the rule train_vit and the LM scripts follow: N = the count their task loss is a mean over)
+    seen = []
+    make = gt.make_adapter
+    monkeypatch.setattr(gt, "make_adapter", lambda *a, **k: seen.append(a[3]) or make(*a, **k))
+    gt.main(gt.parse_args(["--method", "ib", "--depth", "3", "--dim", "8", "--n-train", "50", "--steps", "2",
+                           "--n-test", "8", "--out", str(tmp_path)]))
+    assert seen == [50 * 8]

@@ -101,7 +101,8 @@ def add_export_args(p):
 
 def structlora_config(args, total_steps, n_train, modules_to_save=()):
     """The config of --method; n_train weighs the IB penalty (β·KL/n_train): the count the task loss is a mean
-    over, for one epoch of all ranks: training examples (train_vit), answer tokens (train_llama, train_llava)."""
+    over, for one epoch of all ranks: training examples (train_vit), answer tokens (train_llama, train_llava),
+    examples × outputs (experiments/groundtruth.py's MSE)."""
     ib, graph, reg = METHODS[args.method]
     return StructLoRAConfig(
         r=args.rank, alpha=args.alpha or 2.0 * args.rank, target_modules=tuple(args.target_modules.split(",")),
