@@ -406,8 +406,8 @@ def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
 
 # The language testbeds at the per-example gate's defaults, StructLoRA against LoRA: the decoder (SmolLM2-135M)
 # on fine-food reviews and the LLaVA-style model on easy-VQA, at r = 8, one epoch, the scripts' lr, batch 8, each
-# at the largest training set whose 6 runs fit a session on these 2 cores: fine-foods 150 steps (~5.7 s a step on
-# one thread, ~17 min a run with its two evaluations of 300 test examples), easy-VQA 400 steps (~2.6 s a step,
+# at the largest training set whose 6 runs fit a session on these 2 cores: fine-foods 150 steps (5–9 s a step on
+# one thread, 16–20 min a run with its two evaluations of 300 test examples), easy-VQA 400 steps (2.7–3.2 s a step,
 # ~20 min a run), its stage 2 from one stage-1 projector trained for 150 steps (1200 examples, seed 0)
 LANGUAGE = {"fine-foods": (train_llama, ["--train-samples=1200", "--eval-samples=300", "--generations=0"]),
             "easy-vqa": (train_llava, ["--train-samples=3200", "--eval-samples=300"])}
