@@ -135,12 +135,17 @@ class StructLoRAConfig:
             raise ValueError("edges='semantic' with semantic_every=0 or semantic_topk=0 never builds an edge")
 
 
+def with_saved_margin(fields):
+    """A saved config dict (or a checkpoint's args) with the budget margin it trained at: a budget-mode save
+    written before budget_margin was a field trained at δ = LEGACY_BUDGET_MARGIN, not at today's default."""
+    if fields.get("budget", 0) > 0 and "budget_margin" not in fields:
+        return {**fields, "budget_margin": LEGACY_BUDGET_MARGIN}
+    return fields
+
+
 def saved_config(config):
-    """The StructLoRAConfig of a saved adapter's config dict. A budget-mode save written before budget_margin
-    was a field trained at δ = LEGACY_BUDGET_MARGIN, not at today's default: it keeps that δ."""
-    if config.get("budget", 0) > 0 and "budget_margin" not in config:
-        config = {**config, "budget_margin": LEGACY_BUDGET_MARGIN}
-    return StructLoRAConfig(**config)
+    """The StructLoRAConfig of a saved adapter's config dict."""
+    return StructLoRAConfig(**with_saved_margin(config))
 
 
 # ----------------------------------------------------------------------------------------------

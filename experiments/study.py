@@ -409,19 +409,20 @@ def fractions(seeds=SEEDS, percents=PERCENTS, methods=None):
 # at the largest training set whose 6 runs fit a session on these 2 cores: fine-foods 150 steps (5–9 s a step on
 # one thread, 16–20 min a run with its two evaluations of 300 test examples), easy-VQA 400 steps (2.7–3.2 s a step,
 # ~20 min a run), its stage 2 from one stage-1 projector trained for 150 steps (1200 examples, seed 0)
-LANGUAGE = {"fine-foods": (train_llama, ["--train-samples=1200", "--eval-samples=300", "--generations=0"]),
-            "easy-vqa": (train_llava, ["--train-samples=3200", "--eval-samples=300"])}
+LANGUAGE = {"fine-foods": (train_llama, 1200, ["--eval-samples=300", "--generations=0"]),  # (script, training set, flags)
+            "easy-vqa": (train_llava, 3200, ["--eval-samples=300"])}
+STAGE1_SAMPLES = 1200
 
 
 def language(seeds=SEEDS, testbeds=tuple(LANGUAGE), methods=("lora", "structlora")):
     for testbed in testbeds:
-        script, flags = LANGUAGE[testbed]
-        n = [f for f in flags if f.startswith("--train-samples=")][0].split("=")[1]
+        script, n, flags = LANGUAGE[testbed]
         if script is train_llava:  # one stage-1 projector (seed 0) shared by every stage-2 run
             stage1 = f"{V2}/language/{testbed}_stage1"
-            run(script, stage1, [*flags, "--stage=1", "--train-samples=1200", "--eval-samples=200", "--save-every=50"],
-                lambda *a: None)
+            run(script, stage1, [*flags, "--stage=1", f"--train-samples={STAGE1_SAMPLES}", "--eval-samples=200",
+                                 "--save-every=50"], lambda *a: None)
             flags = [*flags, "--stage=2", f"--projector={stage1}/projector.safetensors"]
+        flags = [f"--train-samples={n}", *flags]
         for method in methods:
             for seed in seeds:
                 out = f"{V2}/language/{testbed}_n{n}_r8_{method}_seed{seed}"

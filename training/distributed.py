@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record  # noqa: F401 (the scripts' __main__)
 
+from structlora import StructLoRA, saved_config, with_saved_margin
+
 CHECKPOINT = "checkpoint.pt"
 # Arguments that say where and how a run executes, not what it trains: they may change on --resume
 FREE_ON_RESUME = {"out", "resume", "save_every", "device", "fsdp", "grad_checkpointing", "generations", "export_peft",
@@ -169,7 +171,6 @@ def merge(adapter, args, fresh_base):
     fresh unsharded base built by `fresh_base()` instead (no gradients, no optimizer: inference memory)."""
     if not args.fsdp:
         return adapter.merge_and_unload()
-    from structlora import StructLoRA, saved_config
     tensors, meta = adapter.adapter_state()
     fresh = StructLoRA(fresh_base(), saved_config(meta["config"]))
     fresh.load_adapter_state(tensors, meta)
@@ -227,9 +228,7 @@ def load_checkpoint(args):
         raise FileNotFoundError(f"--resume {args.resume}: no {CHECKPOINT} there")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ours, saved = vars(args), ckpt["args"]
-    if saved.get("budget", 0) > 0 and "budget_margin" not in saved:  # written before --budget-margin existed
-        from structlora import LEGACY_BUDGET_MARGIN
-        saved = {**saved, "budget_margin": LEGACY_BUDGET_MARGIN}  # the δ it trained at, not today's default
+    saved = with_saved_margin(saved)  # a budget run saved before --budget-margin existed: the δ it trained at
     given = set(ours.get("given", ours))  # without a record of the given flags (args built in code): all
     compared = [k for k in sorted(set(saved) | set(ours)) if k not in FREE_ON_RESUME and k in given]
     diff = [f"--{k.replace('_', '-')} {saved.get(k)!r} (this run: {ours.get(k)!r})"
